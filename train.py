@@ -1,0 +1,617 @@
+"""The command line: trains every method of the paper's Table 1 from one loop.
+
+    python train.py --method s3gan_co                 # tiny preset: bundled photos, 32x32, CPU
+    torchrun --nproc_per_node=8 train.py --method s3gan_co --preset imagenet128 \
+        --data /path/to/imagenet/train               # the paper's configuration (sec. 4)
+
+Each --method is one row of METHODS: which labels the real images carry, whether D has the
+rotation loss (sec. 3.3) and the co-training head (sec. 3.2). The training step reads only
+these ingredients, never the method name. Methods with pre-trained pieces (sec. 3.1) run their
+stages first (rotation.py, cluster.py, semisup.py) and cache them in --out.
+
+One code path from one CPU process to many nodes: without torchrun's environment the run is a
+world of one. A run leaves config.json, log.jsonl, samples/ and ckpt.pt in --out, and running the
+same command again resumes from ckpt.pt exactly.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets, transforms
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import biggan
+import gan
+
+# --------------------------------------------------------------------------------------------
+# The methods (DESIGN.md): real-image labels, rotation loss, co-training head.
+#   labels: true      ground truth for every image
+#           labeled   ground truth, and only the labeled fraction of images is used (BIGGAN-k%)
+#           constant  one label for every image, projection removed
+#           random    a fresh uniform label for every read
+#           cluster   k-means cluster of F(x), F rotation pre-trained
+#           s2l       argmax of the S2L classifier on F(x)
+#           partial   ground truth for the labeled fraction, -1 (to be predicted) elsewhere
+
+METHODS = {
+    "biggan":          dict(labels="true"),
+    "biggan_k":        dict(labels="labeled"),
+    "single_label":    dict(labels="constant", project=False),
+    "random_label":    dict(labels="random"),
+    "clustering":      dict(labels="cluster"),
+    "clustering_ss":   dict(labels="cluster", rotation=True, beta=1.0),
+    "single_label_ss": dict(labels="constant", project=False, rotation=True, beta=1.0),
+    "s2gan":           dict(labels="s2l"),
+    "s3gan":           dict(labels="s2l", rotation=True, beta=0.5),
+    "s2gan_co":        dict(labels="partial", cotrain=True),
+    "s3gan_co":        dict(labels="partial", cotrain=True, rotation=True, beta=1.0),
+}
+
+# --------------------------------------------------------------------------------------------
+# Presets: any flag overrides a preset value.
+
+PRESETS = {
+    # The bundled 10-class photos at 32x32 on a 2-core CPU in at most 15 minutes.
+    "tiny": dict(
+        data="data/tiny-imagenet-10/train", resolution=32, ch=32, batch_size=32, steps=300,
+        lr_g=2e-4, lr_d=2e-4, d_steps=2, ema_decay=0.99, ema_start=100,
+        standing_batches=16, sample_every=100, ckpt_every=100, log_every=10,
+        rotated_fraction=2, pretrain_steps=300, pretrain_batch_size=64, clusters=50,
+        f_arch="resnet18", workers=0),
+    # The paper's configuration (sec. 4, PAPER.md sec. 3): batch 2048, 250k G steps, 2 D steps,
+    # Adam(0, 0.999), EMA 0.9999 from step 40k, standing statistics over 204,800 samples.
+    # Learning rates from compare_gan's biggan_imagenet128.gin; the BigGAN paper itself used
+    # G 5e-5 and D 2e-4, and the S3GAN paper says "as Brock et al.".
+    "imagenet128": dict(
+        data=None, resolution=128, ch=96, batch_size=2048, steps=250_000,
+        lr_g=1e-4, lr_d=5e-4, d_steps=2, ema_decay=0.9999, ema_start=40_000,
+        standing_batches=3200, sample_every=5000, ckpt_every=2500, log_every=100,
+        rotated_fraction=2, pretrain_steps=40_625, pretrain_batch_size=2048, clusters=50,
+        f_arch="resnet50", workers=8),
+    "imagenet256": dict(
+        data=None, resolution=256, ch=96, batch_size=2048, steps=250_000,
+        lr_g=1e-4, lr_d=5e-4, d_steps=2, ema_decay=0.9999, ema_start=40_000,
+        standing_batches=3200, sample_every=5000, ckpt_every=2500, log_every=100,
+        rotated_fraction=2, pretrain_steps=40_625, pretrain_batch_size=2048, clusters=50,
+        f_arch="resnet50", workers=8),
+}
+
+# A checkpoint resumes only under the same values of these; the others may change.
+RUN_IDENTITY = ["method", "data", "resolution", "ch", "num_classes", "batch_size", "lr_g",
+                "lr_d", "d_steps", "seed", "label_fraction", "alpha", "beta", "lam",
+                "soft_labels", "rotated_fraction", "ema_decay", "ema_start", "clusters"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a GAN of the paper 'High-Fidelity Image Generation With Fewer Labels'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--method", default="biggan", choices=list(METHODS), help="the paper's method (Table 1)")
+    add("--preset", default="tiny", choices=list(PRESETS),
+        help="base configuration: tiny (bundled data, CPU) or the paper's ImageNet runs")
+    add("--data", help="folder of class folders (ImageFolder / ImageNet train/ layout); "
+                       "preset default")
+    add("--out", help="run folder for config, log, samples, checkpoint (default out/<method>)")
+    add("--steps", type=int, help="generator steps (each after --d-steps D steps)")
+    add("--batch-size", type=int, help="global batch of real images per D step")
+    add("--resolution", type=int, help="image side in pixels: 32, 64, 128 or 256")
+    add("--ch", type=int, help="channel multiplier of G and D (paper: 96)")
+    add("--lr-g", type=float, help="Adam learning rate of G")
+    add("--lr-d", type=float, help="Adam learning rate of D")
+    add("--d-steps", type=int, help="D steps per G step (paper: 2)")
+    add("--seed", type=int, default=0, help="seed of weights, noise, data order, label subset")
+    add("--label-fraction", type=float, default=0.1,
+        help="fraction k of labeled images per class, in (0, 1] (methods with partial labels)")
+    add("--alpha", type=float, default=0.2, help="G's rotation loss weight (eq. 5)")
+    add("--beta", type=float, help="D's rotation loss weight (eq. 4); default per method: "
+                                   "0.5 for s3gan, 1.0 otherwise")
+    add("--lam", type=float, default=1.0, help="co-training classification loss weight (eq. 3)")
+    add("--soft-labels", action="store_true",
+        help="co-training: softmax of the head instead of one-hot argmax for unlabeled reals")
+    add("--rotated-fraction", type=int,
+        help="n = per-process batch / this / 4 real and fake images are rotated")
+    add("--ema-decay", type=float, help="decay of the EMA of G's weights")
+    add("--ema-start", type=int, help="G step from which the EMA averages (before: copies G)")
+    add("--standing-batches", type=int,
+        help="batches of 64 used for the standing BatchNorm statistics before sampling")
+    add("--sample-every", type=int, help="G steps between sample grids")
+    add("--ckpt-every", type=int, help="G steps between checkpoints")
+    add("--log-every", type=int, help="G steps between log lines")
+    add("--pretrain-steps", type=int, help="SGD steps of each pre-training stage (F, S2L)")
+    add("--pretrain-batch-size", type=int, help="batch of the pre-training stages")
+    add("--clusters", type=int, help="k of k-means for the clustering methods (paper: 50)")
+    add("--f-arch", help="torchvision ResNet used as feature extractor F")
+    add("--f-checkpoint", help="a rotation pre-trained F (rotation.py) instead of training one")
+    add("--workers", type=int, help="data loader worker processes")
+    add("--device", default="auto", help="cpu, cuda or auto")
+    args = p.parse_args(argv)
+
+    cfg = dict(PRESETS[args.preset])
+    for key, value in vars(args).items():
+        if value is not None or key not in cfg:
+            cfg[key] = value
+    if cfg["beta"] is None:
+        cfg["beta"] = METHODS[cfg["method"]].get("beta", 1.0)
+    if cfg["out"] is None:
+        cfg["out"] = os.path.join("out", cfg["method"])
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Clear messages for bad values, before anything is built."""
+    if cfg["data"] is None:
+        raise SystemExit(f"error: --preset {cfg['preset']} needs --data, the ImageNet train/ "
+                         "folder (one sub-folder of images per class)")
+    if cfg["resolution"] not in biggan.ARCH:
+        raise SystemExit(f"error: --resolution {cfg['resolution']} is not supported: "
+                         f"use one of {sorted(biggan.ARCH)}")
+    for key in ("batch_size", "steps", "d_steps", "ch", "sample_every", "ckpt_every",
+                "log_every", "pretrain_steps", "standing_batches"):
+        if cfg[key] < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, "
+                             f"got {cfg[key]}")
+    if not 0 < cfg["label_fraction"] <= 1:
+        raise SystemExit(f"error: --label-fraction must be in (0, 1], got {cfg['label_fraction']}")
+    if cfg["workers"] < 0:
+        raise SystemExit("error: --workers must be 0 or more")
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: one code path for a world of one and for torchrun.
+
+def setup_world(device_flag):
+    """(rank, world_size, device) from torchrun's environment, or a world of one."""
+    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Data: any folder of class folders, centre-cropped and resized; small sets are decoded once.
+
+class RealImages(Dataset):
+    """Images of an ImageFolder as float tensors in [-1, 1], returned with their index.
+
+    A set whose decoded pixels fit in PRELOAD_BYTES is decoded once into memory (the tiny preset
+    would otherwise spend most of a CPU step decoding PNGs). Unreadable or truncated files are
+    skipped with a warning that names them.
+    """
+    PRELOAD_BYTES = 2 << 30
+
+    def __init__(self, root, resolution, show_progress=True):
+        folder = image_folder(root)
+        self.root, self.classes = root, folder.classes
+        self.transform = transforms.Compose([
+            transforms.Resize(resolution, antialias=True), transforms.CenterCrop(resolution),
+            transforms.PILToTensor()])
+        self.samples = folder.samples
+        self.pixels = None
+        if len(self.samples) * 3 * resolution ** 2 <= self.PRELOAD_BYTES:
+            self._preload(show_progress)
+        self.targets = torch.tensor([t for _, t in self.samples])
+
+    def _read(self, path):
+        try:
+            return self.transform(datasets.folder.default_loader(path))
+        except (OSError, ValueError, SyntaxError) as err:
+            warnings.warn(f"skipping unreadable image {path}: {err}")
+            return None
+
+    def _preload(self, show_progress):
+        kept, pixels = [], []
+        for path, target in tqdm(self.samples, desc="decoding images", leave=False,
+                                 disable=not show_progress):
+            img = self._read(path)
+            if img is not None:
+                kept.append((path, target))
+                pixels.append(img)
+        if not kept:
+            raise SystemExit(f"error: no readable images in {self.root}")
+        self.samples, self.pixels = kept, torch.stack(pixels)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if self.pixels is not None:
+            img = self.pixels[i]
+        else:
+            img = self._read(self.samples[i][0])
+            while img is None:      # an unreadable file: take the next one instead
+                i = (i + 1) % len(self.samples)
+                img = self._read(self.samples[i][0])
+        return img.float() / 127.5 - 1, i
+
+    def __getitems__(self, indices):
+        if self.pixels is None:
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(indices)
+        return [(self.pixels[idx].float() / 127.5 - 1, idx)]
+
+
+def collate(batch):
+    if len(batch) == 1 and batch[0][0].dim() == 4:      # a whole batch from __getitems__
+        return batch[0]
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def image_folder(root):
+    """torchvision's ImageFolder, with its errors turned into messages that say what to fix."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data {root} does not exist or is not a folder; point it to "
+                         "a folder with one sub-folder of images per class")
+    try:
+        folder = datasets.ImageFolder(root)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: --data {root} holds no usable class folders ({err}); it needs "
+                         "one sub-folder per class with .png/.jpg images inside")
+    return folder
+
+
+class Batches:
+    """An endless, resumable stream of (images, indices) batches in a fixed order.
+
+    Epoch e is DistributedSampler's permutation for (seed, e), so the order depends only on the
+    number of batches already drawn: a resumed run skips exactly those and continues.
+    """
+
+    def __init__(self, dataset, indices, local_batch, world, rank, seed, workers, pin):
+        self.subset = torch.utils.data.Subset(dataset, indices)
+        self.sampler = DistributedSampler(self.subset, num_replicas=world, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // local_batch
+        if self.per_epoch < 1:
+            raise SystemExit(f"error: the data has {len(indices)} images, fewer than one batch "
+                             f"of {local_batch * world}; lower --batch-size")
+        self.local_batch, self.workers, self.pin = local_batch, workers, pin
+        self.indices = torch.as_tensor(indices)
+        self.drawn, self.iterator = 0, None
+
+    def skip_to(self, drawn):
+        self.drawn, self.iterator = drawn, None
+
+    def _start_epoch(self):
+        epoch, offset = divmod(self.drawn, self.per_epoch)
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)[offset * self.local_batch:self.per_epoch * self.local_batch]
+        loader = DataLoader(self.subset, batch_size=self.local_batch, sampler=order,
+                            num_workers=self.workers, pin_memory=self.pin, collate_fn=collate,
+                            persistent_workers=False)
+        self.iterator = iter(loader)
+
+    def __next__(self):
+        if self.iterator is None:
+            self._start_epoch()
+        try:
+            images, positions = next(self.iterator)
+        except StopIteration:
+            self._start_epoch()
+            images, positions = next(self.iterator)
+        self.drawn += 1
+        # Subset positions -> indices into the full dataset (for the label table).
+        return images, self.indices[positions]
+
+
+# --------------------------------------------------------------------------------------------
+# Real-image labels for each method, with the pre-training stages they need (sec. 3.1).
+
+def stage_path(cfg, name, *keys):
+    """A cache file in --out named by what the stage's result depends on."""
+    digest = hashlib.sha1(json.dumps([os.path.abspath(cfg["data"]), cfg["resolution"],
+                                      cfg["seed"], *keys]).encode()).hexdigest()[:10]
+    return os.path.join(cfg["out"], f"{name}-{digest}.pt")
+
+
+def real_label_table(cfg, dataset, log):
+    """(labels, used indices, number of classes, fake-label distribution or None for uniform).
+
+    labels[i] is the label D is given for image i (-1: to be predicted by the co-training head).
+    """
+    kind = METHODS[cfg["method"]]["labels"]
+    targets, K = dataset.targets, len(dataset.classes)
+    everything = torch.arange(len(targets))
+    if kind in ("true", "random"):
+        return targets.clone(), everything, K, None
+    if kind == "constant":
+        return torch.zeros_like(targets), everything, 1, None
+    if kind in ("labeled", "partial"):
+        import semisup
+        subset = semisup.labeled_subset(targets, cfg["label_fraction"], cfg["seed"])
+        if kind == "labeled":
+            used = (subset >= 0).nonzero().squeeze(1)
+            return subset, used, K, None
+        return subset, everything, K, None
+    if kind == "cluster":
+        import cluster
+        labels = cluster.labels_for_run(cfg, dataset, log)
+        return labels, everything, cfg["clusters"], empirical(labels, cfg["clusters"])
+    if kind == "s2l":
+        import semisup
+        labels = semisup.labels_for_run(cfg, dataset, log)
+        return labels, everything, K, empirical(labels, K)
+    raise ValueError(kind)
+
+
+def empirical(labels, K):
+    """p^(y): fake labels for inferred labels follow their empirical distribution."""
+    return torch.bincount(labels[labels >= 0], minlength=K).float() / (labels >= 0).sum()
+
+
+def label_sampler(K, probs):
+    if probs is None:
+        return lambda n, gen: torch.randint(K, (n,), generator=gen)
+    return lambda n, gen: torch.multinomial(probs, n, replacement=True, generator=gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: log lines, sample grids, checkpoints written atomically.
+
+LOG_KEYS = ["step", "loss_d", "loss_g", "loss_hinge_d", "loss_hinge_g", "loss_rot_d",
+            "loss_rot_g", "loss_cls", "acc_rot_real", "acc_rot_fake", "acc_cls",
+            "acc_labels", "img_per_s", "elapsed_s"]
+
+
+def write_log(path, record):
+    line = {k: record[k] for k in LOG_KEYS if k in record}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in line.items())
+
+
+def sample_grid(G_ema, cfg, K, probs, path, device):
+    """EMA generator, standing BN statistics, fixed noise; one row per class (at most 16)."""
+    gan.standing_stats(G_ema, cfg["standing_batches"], 64, label_sampler(K, probs),
+                       seed=cfg["seed"])
+    rows = torch.linspace(0, K - 1, min(K, 16)).round().long()
+    cols = 8
+    gen = torch.Generator().manual_seed(cfg["seed"] + 12345)
+    z = torch.randn(len(rows) * cols, G_ema.z_dim, generator=gen).to(device)
+    with torch.no_grad():
+        images = G_ema(z, rows.repeat_interleave(cols).to(device))
+    save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)       # atomic: a crash leaves the old or the new file, never half
+
+
+def check_resume(saved, cfg):
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}"
+            for k in RUN_IDENTITY if saved.get(k) != cfg.get(k)]
+    if diff:
+        raise SystemExit(f"error: {cfg['out']} holds a checkpoint of a different run ("
+                         + "; ".join(diff) + "). Use another --out, or the same settings "
+                         "to resume.")
+
+
+# --------------------------------------------------------------------------------------------
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = setup_world(cfg["device"])
+    is_main = rank == 0
+
+    def log(msg):
+        if is_main:
+            tqdm.write(msg)
+
+    # Per-process batch: the global batch is split across processes.
+    if cfg["batch_size"] % world:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} does not divide over "
+                         f"{world} processes; use a multiple of {world}")
+    local_batch = cfg["batch_size"] // world
+    os.makedirs(os.path.join(cfg["out"], "samples"), exist_ok=True)
+
+    # Data and the labels this method gives D for real images.
+    dataset = RealImages(cfg["data"], cfg["resolution"], show_progress=is_main)
+    try:
+        labels, used, K, probs = real_label_table(cfg, dataset, log)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    cfg["num_classes"] = K
+    ing = gan.Ingredients(**{k: v for k, v in METHODS[cfg["method"]].items() if k != "labels"})
+    ing.alpha, ing.beta, ing.lam, ing.soft_labels = (cfg["alpha"], cfg["beta"], cfg["lam"],
+                                                     cfg["soft_labels"])
+    if ing.rotation:
+        import rotation
+        try:
+            ing.rotated_n = rotation.rotated_count(local_batch, cfg["rotated_fraction"])
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
+    random_labels = METHODS[cfg["method"]]["labels"] == "random"
+
+    # Models: identical initial weights on every process; per-process noise streams.
+    torch.manual_seed(cfg["seed"])
+    G, D = biggan.build_models(cfg)
+    D = gan.DiscriminatorWithHeads(D, ing)
+    G_ema = gan.make_ema(G)
+    G, D, G_ema = G.to(device), D.to(device), G_ema.to(device)
+    adam = dict(betas=(0.0, 0.999), eps=1e-6, foreach=True)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], **adam)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], **adam)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+    sample_labels = label_sampler(K, probs)
+
+    # Resume exactly where the last checkpoint left off.
+    ckpt_path, step = os.path.join(cfg["out"], "ckpt.pt"), 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        check_resume(ckpt["config"], cfg)
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        G_ema.load_state_dict(ckpt["G_ema"])
+        opt_G.load_state_dict(ckpt["opt_G"])
+        opt_D.load_state_dict(ckpt["opt_D"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]["gen"]) == world:
+            gen.set_state(ckpt["rng"]["gen"][rank])
+        else:   # another world size: fresh, still reproducible, noise streams
+            gen.manual_seed(cfg["seed"] * 1000 + rank + 7919 * step)
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif is_main:
+        with open(os.path.join(cfg["out"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    if world > 1:
+        if device.type == "cuda":
+            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        else:
+            log("note: a CPU world has no SyncBatchNorm kernel; G's BatchNorm statistics stay "
+                "per process")
+        G = DDP(G, device_ids=[device.index] if device.type == "cuda" else None)
+        D = DDP(D, device_ids=[device.index] if device.type == "cuda" else None)
+
+    batches = Batches(dataset, used, local_batch, world, rank, cfg["seed"],
+                      cfg["workers"], pin=device.type == "cuda")
+    batches.skip_to(step * cfg["d_steps"])
+
+    def checkpoint():
+        gens = [None] * world
+        if world > 1:
+            dist.all_gather_object(gens, gen.get_state())
+        else:
+            gens = [gen.get_state()]
+        if is_main:
+            save_checkpoint(ckpt_path, dict(
+                config=cfg, step=step, G=unwrap(G).state_dict(), D=unwrap(D).state_dict(),
+                G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(),
+                labels=labels, rng=dict(gen=gens, torch=torch.get_rng_state())))
+        barrier(world)
+
+    def samples():
+        if is_main:
+            sample_grid(G_ema, cfg, K, probs,
+                        os.path.join(cfg["out"], "samples", f"step{step:07d}.png"), device)
+        barrier(world)
+
+    # A preempted job (SIGTERM from the scheduler, or SIGUSR1) saves and exits cleanly.
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: stop.append(True))
+
+    log(f"{cfg['method']}: {world} process(es) on {device}, {len(used)} images, {K} classes, "
+        f"G {biggan.count_parameters(unwrap(G)):,} / D {biggan.count_parameters(unwrap(D)):,} "
+        f"parameters, batch {cfg['batch_size']}, {cfg['steps']} steps -> {cfg['out']}")
+    if step == 0:
+        samples()
+
+    # The loop: d_steps D steps, then one G step, then EMA; log, sample, checkpoint.
+    log_path = os.path.join(cfg["out"], "log.jsonl")
+    bar = tqdm(total=cfg["steps"], initial=step, disable=not is_main, desc=cfg["method"])
+    t_start, t_log, step_log, sums = time.time(), time.time(), step, {}
+    while step < cfg["steps"] and not stop:
+        for _ in range(cfg["d_steps"]):
+            real, index = next(batches)
+            real = real.to(device, non_blocking=True)
+            real_labels = (torch.randint(K, (real.shape[0],), generator=gen) if random_labels
+                           else labels[index]).to(device)
+            z = torch.randn(local_batch, unwrap(G).z_dim, generator=gen).to(device)
+            y_f = sample_labels(local_batch, gen).to(device)
+            out, parts = gan.d_step(G, D, opt_D, real, real_labels, z, y_f, ing)
+            accumulate(sums, parts, out, real_labels, dataset.targets[index].to(device), ing)
+
+        z = torch.randn(local_batch, unwrap(G).z_dim, generator=gen).to(device)
+        y_f = sample_labels(local_batch, gen).to(device)
+        out, parts = gan.g_step(G, unwrap(D), opt_G, z, y_f, ing)
+        accumulate(sums, parts, out, None, None, ing)
+        step += 1
+        gan.ema_update(G_ema, unwrap(G), step, cfg["ema_decay"], cfg["ema_start"])
+        bar.update(1)
+
+        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            record = average(sums, world)
+            now = time.time()
+            record.update(step=step, elapsed_s=round(now - t_start, 1), img_per_s=round(
+                (step - step_log) * cfg["d_steps"] * cfg["batch_size"] / (now - t_log), 2))
+            if is_main:
+                bar.set_postfix(d=f"{record['loss_d']:.3f}", g=f"{record['loss_g']:.3f}")
+                tqdm.write(write_log(log_path, record))
+            t_log, step_log, sums = now, step, {}
+        if step % cfg["sample_every"] == 0 or step == cfg["steps"]:
+            samples()
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop:
+            checkpoint()
+    bar.close()
+    if stop:
+        checkpoint()
+        log(f"stopped by a signal at step {step}; checkpoint saved, run again to resume")
+    if world > 1:
+        dist.destroy_process_group()
+    return cfg
+
+
+def accumulate(sums, parts, out, real_labels, true_labels, ing):
+    """Running sums of the losses and accuracies for the next log line (no host syncs)."""
+    values = {k: v.detach() for k, v in parts.items()}
+    if "loss_hinge_d" in parts:
+        values["loss_d"] = sum(values.values())
+        if ing.rotation:
+            values["acc_rot_real"] = rotation_hits(out["real_rot_logits"], ing.rotated_n)
+        if ing.cotrain:
+            labeled = real_labels >= 0
+            values["acc_cls"] = (out["cls_logits"].argmax(1) == real_labels)[labeled]
+            # How often the label D is given for an unlabeled image is its true class.
+            values["acc_labels"] = (out["real_y"].argmax(1) == true_labels)[~labeled]
+    else:
+        values["loss_g"] = sum(values.values())
+        if ing.rotation:
+            values["acc_rot_fake"] = rotation_hits(out["fake_rot_logits"], ing.rotated_n)
+    for k, v in values.items():
+        v = v.float()
+        total, count = sums.get(k, (0.0, 0))
+        sums[k] = (total + v.sum(), count + v.numel())
+
+
+def rotation_hits(logits, n):
+    import rotation
+    return logits.argmax(1) == rotation.rotation_labels(n, device=logits.device)
+
+
+def average(sums, world):
+    """Means of the running sums, over steps and (all-reduced) over processes."""
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k][0], dtype=torch.float32) for k in keys])
+    counts = torch.tensor([float(sums[k][1]) for k in keys])
+    if world > 1:
+        both = torch.cat([totals.cpu(), counts])
+        dist.all_reduce(both)
+        totals, counts = both[:len(keys)], both[len(keys):]
+    return {k: round(float(t) / max(float(c), 1.0), 4) for k, t, c in
+            zip(keys, totals.cpu(), counts) if c > 0}
+
+
+if __name__ == "__main__":
+    main()
