@@ -248,18 +248,6 @@ class RealImages(Dataset):
                 img = self._read(self.samples[i][0])
         return img.float() / 127.5 - 1, i
 
-    def __getitems__(self, indices):
-        if self.pixels is None:
-            return [self[i] for i in indices]
-        idx = torch.as_tensor(indices)
-        return [(self.pixels[idx].float() / 127.5 - 1, idx)]
-
-
-def collate(batch):
-    if len(batch) == 1 and batch[0][0].dim() == 4:      # a whole batch from __getitems__
-        return batch[0]
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-
 
 def image_folder(root):
     """torchvision's ImageFolder, with its errors turned into messages that say what to fix."""
@@ -290,7 +278,6 @@ class Batches:
             raise SystemExit(f"error: the data has {len(indices)} images, fewer than one batch "
                              f"of {local_batch * world}; lower --batch-size")
         self.local_batch, self.workers, self.pin = local_batch, workers, pin
-        self.indices = torch.as_tensor(indices)
         self.drawn, self.iterator = 0, None
 
     def skip_to(self, drawn):
@@ -301,21 +288,19 @@ class Batches:
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)[offset * self.local_batch:self.per_epoch * self.local_batch]
         loader = DataLoader(self.subset, batch_size=self.local_batch, sampler=order,
-                            num_workers=self.workers, pin_memory=self.pin, collate_fn=collate,
-                            persistent_workers=False)
+                            num_workers=self.workers, pin_memory=self.pin)
         self.iterator = iter(loader)
 
     def __next__(self):
         if self.iterator is None:
             self._start_epoch()
         try:
-            images, positions = next(self.iterator)
+            batch = next(self.iterator)
         except StopIteration:
             self._start_epoch()
-            images, positions = next(self.iterator)
+            batch = next(self.iterator)
         self.drawn += 1
-        # Subset positions -> indices into the full dataset (for the label table).
-        return images, self.indices[positions]
+        return batch        # images and their indices in the full dataset (for the labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,14 +333,101 @@ def real_label_table(cfg, dataset, log):
             return subset, used, K, None
         return subset, everything, K, None
     if kind == "cluster":
-        import cluster
-        labels = cluster.labels_for_run(cfg, dataset, log)
+        labels = cluster_labels(cfg, dataset, log)
         return labels, everything, cfg["clusters"], empirical(labels, cfg["clusters"])
     if kind == "s2l":
-        import semisup
-        labels = semisup.labels_for_run(cfg, dataset, log)
+        labels = s2l_labels(cfg, dataset, log)
         return labels, everything, K, empirical(labels, K)
     raise ValueError(kind)
+
+
+def cached(path, compute):
+    """Load a stage's result from --out, or compute it (on every process) and save it once."""
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    result = compute()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(path, result)
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def feature_extractor(cfg, dataset, log):
+    """F pre-trained with the rotation loss (eq. 1): --f-checkpoint, the cache, or trained now."""
+    import rotation
+    if cfg["f_checkpoint"]:
+        return rotation.load_feature_extractor(cfg["f_checkpoint"], cfg["resolution"])
+    path = stage_path(cfg, "F_rot", cfg["f_arch"], cfg["pretrain_steps"],
+                      cfg["pretrain_batch_size"])
+    if not os.path.exists(path):
+        log(f"stage: rotation pre-training of F ({cfg['f_arch']}, {cfg['pretrain_steps']} "
+            f"steps) -> {path}")
+        F = rotation.pretrain_rotation(
+            dataset, cfg["pretrain_steps"], cfg["pretrain_batch_size"], arch=cfg["f_arch"],
+            resolution=cfg["resolution"], seed=cfg["seed"], log=log, workers=cfg["workers"])
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            rotation.save_feature_extractor(F, path, dict(data=cfg["data"], seed=cfg["seed"]))
+        if dist.is_initialized():
+            dist.barrier()
+    return rotation.load_feature_extractor(path, cfg["resolution"])
+
+
+def cluster_labels(cfg, dataset, log):
+    """CLUSTERING (sec. 3.1): mini-batch k-means of F(x), one cluster id per image."""
+    import cluster
+    import rotation
+    key = cfg["f_checkpoint"] or [cfg["f_arch"], cfg["pretrain_steps"],
+                                  cfg["pretrain_batch_size"]]
+    if not 2 <= cfg["clusters"] <= len(dataset):
+        raise ValueError(f"--clusters must be between 2 and the number of images "
+                         f"({len(dataset)}); got {cfg['clusters']}")
+
+    def compute():
+        F = feature_extractor(cfg, dataset, log)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # Each process extracts and clusters its own contiguous shard (sums all-reduced).
+        shard = torch.arange(len(dataset)).tensor_split(world)[rank]
+        features = rotation.extract_features(F, torch.utils.data.Subset(dataset, shard))
+        _, assign = cluster.minibatch_kmeans(features, cfg["clusters"], cfg["seed"])
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, assign)
+            assign = torch.cat(parts)
+        truth = dataset.targets
+        log(f"stage: {cfg['clusters']} clusters, purity {cluster.purity(assign, truth):.3f}, "
+            f"NMI {cluster.nmi(assign, truth):.3f} against the true classes")
+        return dict(labels=assign, purity=cluster.purity(assign, truth),
+                    nmi=cluster.nmi(assign, truth))
+
+    return cached(stage_path(cfg, "clusters", key, cfg["clusters"]), compute)["labels"]
+
+
+def s2l_labels(cfg, dataset, log):
+    """S2GAN (sec. 3.1, eq. 2): F and c_S2L trained on L_R + gamma CE, then y = c_S2L(F(x)).
+
+    Every image, labeled or not, gets the classifier's label, as the paper's formula reads.
+    """
+    import semisup
+    subset = semisup.labeled_subset(dataset.targets, cfg["label_fraction"], cfg["seed"])
+
+    def compute():
+        log(f"stage: S2L pre-training ({cfg['f_arch']}, {cfg['pretrain_steps']} steps, "
+            f"{int((subset >= 0).sum())} labeled images)")
+        F, clf = semisup.pretrain_s2l(
+            dataset, subset, cfg["pretrain_steps"], cfg["pretrain_batch_size"],
+            arch=cfg["f_arch"], resolution=cfg["resolution"], seed=cfg["seed"], log=log,
+            workers=cfg["workers"])
+        labels = semisup.predict_labels(F, clf, dataset)
+        unlabeled = subset < 0
+        accuracy = (labels == dataset.targets)[unlabeled].float().mean().item()
+        log(f"stage: S2L labels agree with the true class on {accuracy:.3f} of the "
+            "unlabeled images")
+        return dict(labels=labels, accuracy_unlabeled=accuracy)
+
+    key = [cfg["label_fraction"], cfg["f_arch"], cfg["pretrain_steps"],
+           cfg["pretrain_batch_size"]]
+    return cached(stage_path(cfg, "s2l", key), compute)["labels"]
 
 
 def empirical(labels, K):
