@@ -13,12 +13,14 @@ before the projection (eq. 3). The rotated copies of a batch follow the official
 
 `Ingredients` says which terms a method has; train.py maps each --method to one.
 """
+import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 import rotation
 import semisup
@@ -100,6 +102,7 @@ class DiscriminatorWithHeads(nn.Module):
 
 def d_loss(out, real_labels, ing):
     """L_D and its parts from a DiscriminatorWithHeads output on a real and a fake half."""
+    out = {k: v.float() for k, v in out.items()}        # losses in float32 under --amp
     parts = {"loss_hinge_d": hinge_loss_d(out["real_logit"], out["fake_logit"])}
     loss = parts["loss_hinge_d"]
     if ing.rotation:
@@ -114,6 +117,7 @@ def d_loss(out, real_labels, ing):
 
 def g_loss(out, ing):
     """L_G and its parts from a DiscriminatorWithHeads output on a fake half."""
+    out = {k: v.float() for k, v in out.items()}
     parts = {"loss_hinge_g": hinge_loss_g(out["fake_logit"])}
     loss = parts["loss_hinge_g"]
     if ing.rotation:
@@ -123,28 +127,65 @@ def g_loss(out, ing):
     return loss, parts
 
 
-def d_step(G, D, opt_D, real, real_labels, z, fake_labels, ing):
-    """One discriminator update on a real batch and fakes from fresh (z, y_f)."""
-    with torch.no_grad():
-        fake = G(z, fake_labels)
-    out = D(real, real_labels, fake, fake_labels)
-    loss, parts = d_loss(out, real_labels, ing)
+@contextlib.contextmanager
+def precision(amp, *models):
+    """bf16 autocast for the convolutions (--amp bf16), with spectral norm in float32.
+
+    Each normalised weight W / sigma(W) is computed once, before autocast and cached for the
+    forward and backward pass, so the power iteration never runs in bf16.
+    """
+    if not amp:
+        yield
+        return
+    with parametrize.cached():
+        for model in models:
+            for module in model.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    module.weight       # computed here in float32, then cached
+        with torch.autocast("cuda", torch.bfloat16):
+            yield
+
+
+def _sync_last(model, last):
+    """DDP averages gradients only on the last micro-batch of an accumulated step."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+
+def d_step(G, D, opt_D, micro_batches, ing, amp=False):
+    """One discriminator update; micro_batches: [(real, real_labels, z, fake_labels)], whose
+    gradients are averaged (--accum). Fakes come from fresh (z, y_f), without gradient."""
     opt_D.zero_grad(set_to_none=True)
-    loss.backward()
+    results = []
+    for i, (real, real_labels, z, fake_labels) in enumerate(micro_batches):
+        with _sync_last(D, i == len(micro_batches) - 1):
+            with precision(amp, D):
+                with torch.no_grad():
+                    fake = G(z, fake_labels)
+                out = D(real, real_labels, fake, fake_labels)
+            loss, parts = d_loss(out, real_labels, ing)
+            (loss / len(micro_batches)).backward()
+        results.append((out, parts))
     opt_D.step()
-    return out, parts
+    return results
 
 
-def g_step(G, D, opt_G, z, fake_labels, ing):
-    """One generator update. D is frozen: no gradient is computed for its weights."""
+def g_step(G, D, opt_G, micro_batches, ing, amp=False):
+    """One generator update; micro_batches: [(z, fake_labels)]. D is frozen: no gradient is
+    computed for its weights (pass the module itself, not its DDP wrapper)."""
     D.requires_grad_(False)
-    out = D(fake=G(z, fake_labels), fake_labels=fake_labels)
-    loss, parts = g_loss(out, ing)
     opt_G.zero_grad(set_to_none=True)
-    loss.backward()
+    results = []
+    for i, (z, fake_labels) in enumerate(micro_batches):
+        with _sync_last(G, i == len(micro_batches) - 1):
+            with precision(amp, G, D):
+                out = D(fake=G(z, fake_labels), fake_labels=fake_labels)
+            loss, parts = g_loss(out, ing)
+            (loss / len(micro_batches)).backward()
+        results.append((out, parts))
     opt_G.step()
     D.requires_grad_(True)
-    return out, parts
+    return results
 
 
 # --------------------------------------------------------------------------------------------

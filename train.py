@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import biggan
 import gan
+import metrics
 
 # --------------------------------------------------------------------------------------------
 # The methods (DESIGN.md): real-image labels, rotation loss, co-training head.
@@ -138,6 +139,24 @@ def parse_args(argv=None):
     add("--f-checkpoint", help="a rotation pre-trained F (rotation.py) instead of training one")
     add("--workers", type=int, help="data loader worker processes")
     add("--device", default="auto", help="cpu, cuda or auto")
+    add("--accum", type=int, default=1,
+        help="gradient accumulation: each process runs its batch as this many micro-batches")
+    add("--amp", default="none", choices=["none", "bf16"],
+        help="bf16 autocast on CUDA (spectral norm and losses stay float32)")
+    add("--compile", action="store_true", help="torch.compile G and D")
+    add("--eval-every", type=int, default=0,
+        help="G steps between FID/IS (or FD_rot) evaluations of the EMA generator; 0: never")
+    add("--eval-samples", type=int, default=10_000, help="generated images per evaluation")
+    add("--eval-real", help="real images for the evaluation statistics (default: the 'val' "
+                            "folder beside --data if there is one, else --data)")
+    add("--eval-features", default="inception",
+        help="inception (FID, IS), rotation (FD_rot in this run's rotation pre-trained F) or "
+             "rotation:PATH (FD_rot in the F saved at PATH)")
+    add("--inception-weights", help="local file of the TF-Inception weights for FID/IS "
+                                    "(metrics.py says where it is downloaded from)")
+    add("--dry-run", action="store_true",
+        help="print the resolved configuration, parameter counts and pre-training stages, "
+             "then exit without training")
     args = p.parse_args(argv)
 
     cfg = dict(PRESETS[args.preset])
@@ -169,6 +188,12 @@ def check_config(cfg):
         raise SystemExit(f"error: --label-fraction must be in (0, 1], got {cfg['label_fraction']}")
     if cfg["workers"] < 0:
         raise SystemExit("error: --workers must be 0 or more")
+    if cfg["accum"] < 1 or cfg["eval_every"] < 0 or cfg["eval_samples"] < 2:
+        raise SystemExit("error: --accum must be at least 1, --eval-every at least 0 and "
+                         "--eval-samples at least 2")
+    if cfg["eval_real"] is None:
+        val = os.path.join(os.path.dirname(os.path.abspath(cfg["data"])), "val")
+        cfg["eval_real"] = val if os.path.isdir(val) else cfg["data"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,11 +378,12 @@ def cached(path, compute):
     return result
 
 
-def feature_extractor(cfg, dataset, log):
-    """F pre-trained with the rotation loss (eq. 1): --f-checkpoint, the cache, or trained now."""
+def feature_extractor_path(cfg, dataset, log):
+    """F pre-trained with the rotation loss (eq. 1): --f-checkpoint, or the cached file in --out,
+    trained first if it is not there yet."""
     import rotation
     if cfg["f_checkpoint"]:
-        return rotation.load_feature_extractor(cfg["f_checkpoint"], cfg["resolution"])
+        return cfg["f_checkpoint"]
     path = stage_path(cfg, "F_rot", cfg["f_arch"], cfg["pretrain_steps"],
                       cfg["pretrain_batch_size"])
     if not os.path.exists(path):
@@ -370,7 +396,13 @@ def feature_extractor(cfg, dataset, log):
             rotation.save_feature_extractor(F, path, dict(data=cfg["data"], seed=cfg["seed"]))
         if dist.is_initialized():
             dist.barrier()
-    return rotation.load_feature_extractor(path, cfg["resolution"])
+    return path
+
+
+def feature_extractor(cfg, dataset, log):
+    import rotation
+    return rotation.load_feature_extractor(feature_extractor_path(cfg, dataset, log),
+                                           cfg["resolution"])
 
 
 def cluster_labels(cfg, dataset, log):
@@ -449,8 +481,11 @@ LOG_KEYS = ["step", "loss_d", "loss_g", "loss_hinge_d", "loss_hinge_g", "loss_ro
             "acc_labels", "img_per_s", "elapsed_s"]
 
 
+METRIC_KEYS = ["FID", "IS", "FD_rot"]
+
+
 def write_log(path, record):
-    line = {k: record[k] for k in LOG_KEYS if k in record}
+    line = {k: record[k] for k in LOG_KEYS[:1] + METRIC_KEYS + LOG_KEYS[1:] if k in record}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -487,12 +522,86 @@ def check_resume(saved, cfg):
 
 # --------------------------------------------------------------------------------------------
 
+def eval_feature_space(cfg, dataset, log):
+    """The feature network of --eval-every, loaded once (missing Inception weights stop here)."""
+    spec = cfg["eval_features"]
+    try:
+        if spec == "rotation":      # this run's own rotation pre-trained F (trained if needed)
+            spec = "rotation:" + feature_extractor_path(cfg, dataset, log)
+        return metrics.load_feature_space(spec, cfg["resolution"], cfg["inception_weights"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+
+
+def plot_log(log_path, png_path):
+    """Loss curves and metrics over G steps, for looking at rather than reading JSON."""
+    if not os.path.exists(log_path):
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    keys = [k for k in LOG_KEYS + METRIC_KEYS
+            if k.startswith(("loss", "acc")) or k in METRIC_KEYS]
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k in keys:
+        ax = axes[0] if k.startswith("loss") else axes[1] if k.startswith("acc") else axes[2]
+        points = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None)
+    for ax, title in zip(axes, ["losses", "accuracies", "FID / IS / FD_rot"]):
+        ax.set_title(title)
+        ax.set_xlabel("G step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
 def unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
 
+def dry_run(cfg):
+    """--dry-run: what the command would do, without doing it."""
+    folder = image_folder(cfg["data"])
+    kind = METHODS[cfg["method"]]["labels"]
+    K = {"constant": 1, "cluster": cfg["clusters"]}.get(kind, len(folder.classes))
+    cfg = dict(cfg, num_classes=K)
+    with torch.device("meta"):
+        G, D = biggan.build_models(cfg)
+        ing = gan.Ingredients(**{k: v for k, v in METHODS[cfg["method"]].items()
+                                 if k != "labels"})
+        D = gan.DiscriminatorWithHeads(D, ing)
+    stages = []
+    if kind == "cluster":
+        if not cfg["f_checkpoint"]:
+            stages.append(f"rotation pre-training of F ({cfg['f_arch']}, "
+                          f"{cfg['pretrain_steps']} steps of {cfg['pretrain_batch_size']} "
+                          "images x 4 rotations)")
+        stages.append(f"mini-batch k-means of F(x) into {cfg['clusters']} clusters")
+    if kind == "s2l":
+        stages.append(f"S2L pre-training of F and c_S2L ({cfg['f_arch']}, "
+                      f"{cfg['pretrain_steps']} steps, {cfg['label_fraction']:.0%} labels), "
+                      "then every image labeled by c_S2L")
+    print(json.dumps(cfg, indent=2))
+    print(f"data: {len(folder.samples)} images in {len(folder.classes)} class folders; "
+          f"D sees {K} classes")
+    print(f"G: {biggan.count_parameters(G):,} parameters; D with its heads: "
+          f"{biggan.count_parameters(D):,}")
+    print("pre-training stages: " + ("; ".join(stages) if stages else "none"))
+    print(f"cached stages are kept in {cfg['out']}; nothing was trained (--dry-run)")
+    return cfg
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg["dry_run"]:
+        return dry_run(cfg)
     rank, world, device = setup_world(cfg["device"])
     is_main = rank == 0
 
@@ -505,6 +614,12 @@ def main(argv=None):
         raise SystemExit(f"error: --batch-size {cfg['batch_size']} does not divide over "
                          f"{world} processes; use a multiple of {world}")
     local_batch = cfg["batch_size"] // world
+    if local_batch % cfg["accum"]:
+        raise SystemExit(f"error: the per-process batch {local_batch} does not split into "
+                         f"--accum {cfg['accum']} micro-batches; use a divisor of it")
+    micro = local_batch // cfg["accum"]
+    if cfg["amp"] == "bf16" and device.type != "cuda":
+        raise SystemExit("error: --amp bf16 needs a CUDA device; leave it out on a CPU")
     os.makedirs(os.path.join(cfg["out"], "samples"), exist_ok=True)
 
     # Data and the labels this method gives D for real images.
@@ -520,7 +635,7 @@ def main(argv=None):
     if ing.rotation:
         import rotation
         try:
-            ing.rotated_n = rotation.rotated_count(local_batch, cfg["rotated_fraction"])
+            ing.rotated_n = rotation.rotated_count(micro, cfg["rotated_fraction"])
         except ValueError as err:
             raise SystemExit(f"error: {err}")
     random_labels = METHODS[cfg["method"]]["labels"] == "random"
@@ -566,9 +681,23 @@ def main(argv=None):
         G = DDP(G, device_ids=[device.index] if device.type == "cuda" else None)
         D = DDP(D, device_ids=[device.index] if device.type == "cuda" else None)
 
-    batches = Batches(dataset, used, local_batch, world, rank, cfg["seed"],
-                      cfg["workers"], pin=device.type == "cuda")
-    batches.skip_to(step * cfg["d_steps"])
+    batches = Batches(dataset, used, micro, world, rank, cfg["seed"], cfg["workers"],
+                      pin=device.type == "cuda")
+    batches.skip_to(step * cfg["d_steps"] * cfg["accum"])
+    z_dim = G_ema.z_dim
+    if cfg["compile"]:
+        G, D = torch.compile(G), torch.compile(D)
+
+    def real_batch():
+        real, index = next(batches)
+        real_labels = (torch.randint(K, (micro,), generator=gen) if random_labels
+                       else labels[index])
+        return (real.to(device, non_blocking=True), real_labels.to(device),
+                dataset.targets[index].to(device))
+
+    def fake_batch():
+        return (torch.randn(micro, z_dim, generator=gen).to(device),
+                sample_labels(micro, gen).to(device))
 
     def checkpoint():
         gens = [None] * world
@@ -577,6 +706,8 @@ def main(argv=None):
         else:
             gens = [gen.get_state()]
         if is_main:
+            # The saved EMA generator carries standing statistics, ready to sample from.
+            gan.standing_stats(G_ema, cfg["standing_batches"], 64, sample_labels, cfg["seed"])
             save_checkpoint(ckpt_path, dict(
                 config=cfg, step=step, G=unwrap(G).state_dict(), D=unwrap(D).state_dict(),
                 G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(),
@@ -587,38 +718,52 @@ def main(argv=None):
         if is_main:
             sample_grid(G_ema, cfg, K, probs,
                         os.path.join(cfg["out"], "samples", f"step{step:07d}.png"), device)
+            plot_log(log_path, os.path.join(cfg["out"], "samples", "curves.png"))
+        barrier(world)
+
+    def evaluation():
+        if is_main:
+            scores = metrics.evaluate(
+                G_ema, K, cfg["eval_real"], feature_space=space,
+                num_samples=cfg["eval_samples"], fake_sets=1, batch_size=64,
+                standing_batches=cfg["standing_batches"], seed=cfg["seed"], device=device,
+                progress=False)
+            name = "FID" if "FID" in scores else "FD_rot"
+            record = {"step": step, name: round(scores[name], 3)}
+            if "IS" in scores:
+                record["IS"] = round(scores["IS"], 3)
+            tqdm.write(write_log(log_path, record))
         barrier(world)
 
     # A preempted job (SIGTERM from the scheduler, or SIGUSR1) saves and exits cleanly.
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: stop.append(True))
+    stop = torch.zeros(1)
+    previous = {sig: signal.signal(sig, lambda *_: stop.fill_(1))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     log(f"{cfg['method']}: {world} process(es) on {device}, {len(used)} images, {K} classes, "
         f"G {biggan.count_parameters(unwrap(G)):,} / D {biggan.count_parameters(unwrap(D)):,} "
-        f"parameters, batch {cfg['batch_size']}, {cfg['steps']} steps -> {cfg['out']}")
+        f"parameters, batch {cfg['batch_size']} ({cfg['accum']} x {micro} per process), "
+        f"{cfg['steps']} steps -> {cfg['out']}")
+    log_path = os.path.join(cfg["out"], "log.jsonl")
+    space = eval_feature_space(cfg, dataset, log) if cfg["eval_every"] else None
     if step == 0:
         samples()
 
-    # The loop: d_steps D steps, then one G step, then EMA; log, sample, checkpoint.
-    log_path = os.path.join(cfg["out"], "log.jsonl")
+    # The loop: d_steps D steps, then one G step, then the EMA; log, sample, evaluate, save.
     bar = tqdm(total=cfg["steps"], initial=step, disable=not is_main, desc=cfg["method"])
     t_start, t_log, step_log, sums = time.time(), time.time(), step, {}
-    while step < cfg["steps"] and not stop:
+    while step < cfg["steps"]:
         for _ in range(cfg["d_steps"]):
-            real, index = next(batches)
-            real = real.to(device, non_blocking=True)
-            real_labels = (torch.randint(K, (real.shape[0],), generator=gen) if random_labels
-                           else labels[index]).to(device)
-            z = torch.randn(local_batch, unwrap(G).z_dim, generator=gen).to(device)
-            y_f = sample_labels(local_batch, gen).to(device)
-            out, parts = gan.d_step(G, D, opt_D, real, real_labels, z, y_f, ing)
-            accumulate(sums, parts, out, real_labels, dataset.targets[index].to(device), ing)
+            reals = [real_batch() for _ in range(cfg["accum"])]
+            fakes = [fake_batch() for _ in range(cfg["accum"])]
+            results = gan.d_step(G, D, opt_D, [r[:2] + f for r, f in zip(reals, fakes)], ing,
+                                 amp=cfg["amp"] == "bf16")
+            for (out, parts), (_, real_labels, truth) in zip(results, reals):
+                accumulate(sums, parts, out, real_labels, truth, ing)
 
-        z = torch.randn(local_batch, unwrap(G).z_dim, generator=gen).to(device)
-        y_f = sample_labels(local_batch, gen).to(device)
-        out, parts = gan.g_step(G, unwrap(D), opt_G, z, y_f, ing)
-        accumulate(sums, parts, out, None, None, ing)
+        fakes = [fake_batch() for _ in range(cfg["accum"])]
+        for out, parts in gan.g_step(G, unwrap(D), opt_G, fakes, ing, amp=cfg["amp"] == "bf16"):
+            accumulate(sums, parts, out, None, None, ing)
         step += 1
         gan.ema_update(G_ema, unwrap(G), step, cfg["ema_decay"], cfg["ema_start"])
         bar.update(1)
@@ -634,12 +779,18 @@ def main(argv=None):
             t_log, step_log, sums = now, step, {}
         if step % cfg["sample_every"] == 0 or step == cfg["steps"]:
             samples()
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop:
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            evaluation()
+        if world > 1:
+            dist.all_reduce(stop)       # every process stops at the same step
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop.item():
             checkpoint()
+        if stop.item():
+            log(f"stopped by a signal at step {step}; checkpoint saved, run again to resume")
+            break
     bar.close()
-    if stop:
-        checkpoint()
-        log(f"stopped by a signal at step {step}; checkpoint saved, run again to resume")
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     if world > 1:
         dist.destroy_process_group()
     return cfg

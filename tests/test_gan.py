@@ -69,12 +69,13 @@ def test_one_training_step_per_method(method):
     labels = torch.tensor([0, -1, 1, -1, 2, -1, 3, -1]) if ing.cotrain else torch.zeros(bs).long()
     y_f = torch.randint(K, (bs,))
     before = [p.detach().clone() for p in D.parameters()]
-    out, parts = gan.d_step(G, D, opt_D, real, labels, torch.randn(bs, G.z_dim), y_f, ing)
+    [(out, parts)] = gan.d_step(G, D, opt_D, [(real, labels, torch.randn(bs, G.z_dim), y_f)],
+                                 ing)
     assert all(math.isfinite(v.item()) for v in parts.values())
     assert ("loss_rot_d" in parts) == ing.rotation and ("loss_cls" in parts) == ing.cotrain
     assert any(not torch.equal(a, b) for a, b in zip(before, D.parameters()))
     before_D = [p.detach().clone() for p in D.parameters()]
-    out, parts = gan.g_step(G, D, opt_G, torch.randn(bs, G.z_dim), y_f, ing)
+    [(out, parts)] = gan.g_step(G, D, opt_G, [(torch.randn(bs, G.z_dim), y_f)], ing)
     assert all(math.isfinite(v.item()) for v in parts.values())
     assert ("loss_rot_g" in parts) == ing.rotation
     # The G step leaves D's weights alone and computes no gradient for them.
@@ -112,3 +113,22 @@ def test_cotraining_fills_unlabeled_rows_with_the_head_prediction():
     assert torch.equal(y[0], torch.eye(5)[3])
     assert torch.equal(y[1:], torch.eye(5)[out["cls_logits"][1:].argmax(1)])
     assert not y.requires_grad
+
+
+def test_accumulated_micro_batches_average_the_gradient():
+    """Two micro-batches of 4 give the gradient of one batch of 8 (D has no BatchNorm)."""
+    torch.manual_seed(0)
+    ing = gan.Ingredients()
+    G = biggan.Generator(32, 8, 3).eval()       # eval: the fakes do not depend on the split
+    # eval: no power iteration, which would otherwise run once per micro-batch.
+    D = gan.DiscriminatorWithHeads(biggan.Discriminator(32, 8, 3), ing).eval()
+    real, labels = torch.randn(8, 3, 32, 32), torch.randint(3, (8,))
+    z, y_f = torch.randn(8, G.z_dim), torch.randint(3, (8,))
+    grads = []
+    for split in ([slice(0, 8)], [slice(0, 4), slice(4, 8)]):
+        D_copy = __import__("copy").deepcopy(D)
+        opt = torch.optim.SGD(D_copy.parameters(), lr=0.0)
+        gan.d_step(G, D_copy, opt, [(real[s], labels[s], z[s], y_f[s]) for s in split], ing)
+        grads.append([p.grad.clone() for p in D_copy.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)    # float32 summation order

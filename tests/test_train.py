@@ -43,7 +43,7 @@ def test_a_run_leaves_config_log_samples_and_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     run(folder, out, "--steps", "2", "--sample-every", "1")
     assert sorted(os.listdir(out / "samples")) == [
-        "step0000000.png", "step0000001.png", "step0000002.png"]
+        "curves.png", "step0000000.png", "step0000001.png", "step0000002.png"]
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "biggan" and config["num_classes"] == 3
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -133,3 +133,37 @@ def test_cli_error_has_no_traceback(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_trains_nothing(folder, tmp_path, capsys):
+    cfg = run(folder, tmp_path / "dry", "--method", "s3gan", "--dry-run")
+    out = capsys.readouterr().out
+    assert cfg["num_classes"] == 3 and "S2L pre-training" in out and "parameters" in out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_eval_every_logs_a_frechet_distance(folder, tmp_path):
+    out = tmp_path / "ev"
+    run(folder, out, "--steps", "2", "--eval-every", "2", "--eval-samples", "16",
+        "--eval-features", "rotation", "--eval-real", folder)
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    scored = [x for x in lines if "FD_rot" in x]
+    assert len(scored) == 1 and scored[0]["step"] == 2 and scored[0]["FD_rot"] > 0
+    assert "FID" not in scored[0]
+
+
+def test_signal_saves_a_checkpoint_that_resumes(folder, tmp_path, monkeypatch):
+    import signal
+    out = tmp_path / "sig"
+    original = train.gan.ema_update
+
+    def send_sigterm(G_ema, G, step, *args):     # a scheduler pre-empts the job at step 2
+        original(G_ema, G, step, *args)
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(train.gan, "ema_update", send_sigterm)
+    run(folder, out, "--steps", "5")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(train.gan, "ema_update", original)
+    run(folder, out, "--steps", "5")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 5
