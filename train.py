@@ -15,6 +15,7 @@ same command again resumes from ckpt.pt exactly.
 """
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -207,7 +208,11 @@ def setup_world(device_flag):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # NCCL carries only CUDA tensors; gloo takes the CPU ones (the stop flag, the log sums,
+    # k-means on CPU features, object gathers). Rank 0 alone samples, evaluates and saves
+    # while the others wait at a barrier: allow that an hour rather than NCCL's 10 minutes.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(hours=1))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -287,6 +292,16 @@ def image_folder(root):
     return folder
 
 
+def ignore_stop_signals(worker_id):
+    """Data loader workers leave SIGTERM and SIGUSR1 to the training process.
+
+    A scheduler signals every process of a job; a worker killed by it would crash the training
+    process before it saves. The training process shuts its workers down when it exits.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Batches:
     """An endless, resumable stream of (images, indices) batches in a fixed order.
 
@@ -313,7 +328,8 @@ class Batches:
         self.sampler.set_epoch(epoch)
         order = list(self.sampler)[offset * self.local_batch:self.per_epoch * self.local_batch]
         loader = DataLoader(self.subset, batch_size=self.local_batch, sampler=order,
-                            num_workers=self.workers, pin_memory=self.pin)
+                            num_workers=self.workers, pin_memory=self.pin,
+                            worker_init_fn=ignore_stop_signals)
         self.iterator = iter(loader)
 
     def __next__(self):
@@ -371,6 +387,12 @@ def cached(path, compute):
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
     result = compute()
+    if dist.is_initialized():
+        # Every process takes rank 0's result: a network trained under DDP keeps per-process
+        # BatchNorm running statistics, so its predictions can differ from rank to rank.
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint(path, result)
     if dist.is_initialized():
@@ -522,12 +544,15 @@ def check_resume(saved, cfg):
 
 # --------------------------------------------------------------------------------------------
 
-def eval_feature_space(cfg, dataset, log):
-    """The feature network of --eval-every, loaded once (missing Inception weights stop here)."""
+def eval_feature_space(cfg, dataset, log, load=True):
+    """The feature network of --eval-every, loaded once on the evaluating process (missing
+    Inception weights stop the run here, before training)."""
     spec = cfg["eval_features"]
     try:
         if spec == "rotation":      # this run's own rotation pre-trained F (trained if needed)
             spec = "rotation:" + feature_extractor_path(cfg, dataset, log)
+        if not load:
+            return None
         return metrics.load_feature_space(spec, cfg["resolution"], cfg["inception_weights"])
     except ValueError as err:
         raise SystemExit(f"error: {err}")
@@ -563,6 +588,9 @@ def plot_log(log_path, png_path):
 
 
 def unwrap(model):
+    """The plain module under torch.compile's and DDP's wrappers: its state dict has the plain
+    names, and the G step calls D through it so that D's DDP reducer never sees that pass."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DDP) else model
 
 
@@ -636,8 +664,10 @@ def main(argv=None):
         import rotation
         try:
             ing.rotated_n = rotation.rotated_count(micro, cfg["rotated_fraction"])
-        except ValueError as err:
-            raise SystemExit(f"error: {err}")
+        except ValueError as err:       # name where the per-process batch size comes from
+            raise SystemExit(f"error: {err} (batch size {micro} per process: --batch-size "
+                             f"{cfg['batch_size']} over {world} process(es) and --accum "
+                             f"{cfg['accum']} micro-batches)")
     random_labels = METHODS[cfg["method"]]["labels"] == "random"
 
     # Models: identical initial weights on every process; per-process noise streams.
@@ -699,15 +729,17 @@ def main(argv=None):
         return (torch.randn(micro, z_dim, generator=gen).to(device),
                 sample_labels(micro, gen).to(device))
 
-    def checkpoint():
+    def checkpoint(standing=True):
         gens = [None] * world
         if world > 1:
             dist.all_gather_object(gens, gen.get_state())
         else:
             gens = [gen.get_state()]
-        if is_main:
-            # The saved EMA generator carries standing statistics, ready to sample from.
+        if is_main and standing:
+            # The saved EMA generator carries standing statistics, ready to sample from
+            # (skipped when a signal asks to stop: the scheduler's grace period is short).
             gan.standing_stats(G_ema, cfg["standing_batches"], 64, sample_labels, cfg["seed"])
+        if is_main:
             save_checkpoint(ckpt_path, dict(
                 config=cfg, step=step, G=unwrap(G).state_dict(), D=unwrap(D).state_dict(),
                 G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(),
@@ -745,7 +777,7 @@ def main(argv=None):
         f"parameters, batch {cfg['batch_size']} ({cfg['accum']} x {micro} per process), "
         f"{cfg['steps']} steps -> {cfg['out']}")
     log_path = os.path.join(cfg["out"], "log.jsonl")
-    space = eval_feature_space(cfg, dataset, log) if cfg["eval_every"] else None
+    space = eval_feature_space(cfg, dataset, log, load=is_main) if cfg["eval_every"] else None
     if step == 0:
         samples()
 
@@ -784,7 +816,7 @@ def main(argv=None):
         if world > 1:
             dist.all_reduce(stop)       # every process stops at the same step
         if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop.item():
-            checkpoint()
+            checkpoint(standing=not stop.item())
         if stop.item():
             log(f"stopped by a signal at step {step}; checkpoint saved, run again to resume")
             break
