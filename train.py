@@ -292,12 +292,10 @@ def image_folder(root):
     return folder
 
 
-def ignore_stop_signals(worker_id):
-    """Data loader workers leave SIGTERM and SIGUSR1 to the training process.
-
-    A scheduler signals every process of a job; a worker killed by it would crash the training
-    process before it saves. The training process shuts its workers down when it exits.
-    """
+def ignore_stop_signals(worker_id=None):
+    """Data loader workers leave SIGTERM and SIGUSR1 to the training process: a scheduler
+    signals every process of the job, and a worker killed by it would crash the run before it
+    saves. The training process shuts its workers down when it exits."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -306,7 +304,8 @@ class Batches:
     """An endless, resumable stream of (images, indices) batches in a fixed order.
 
     Epoch e is DistributedSampler's permutation for (seed, e), so the order depends only on the
-    number of batches already drawn: a resumed run skips exactly those and continues.
+    number of batches already drawn: a resumed run skips exactly those and continues. One
+    DataLoader serves the whole run, so its worker processes start once.
     """
 
     def __init__(self, dataset, indices, local_batch, world, rank, seed, workers, pin):
@@ -323,25 +322,23 @@ class Batches:
     def skip_to(self, drawn):
         self.drawn, self.iterator = drawn, None
 
-    def _start_epoch(self):
-        epoch, offset = divmod(self.drawn, self.per_epoch)
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)[offset * self.local_batch:self.per_epoch * self.local_batch]
-        loader = DataLoader(self.subset, batch_size=self.local_batch, sampler=order,
-                            num_workers=self.workers, pin_memory=self.pin,
-                            worker_init_fn=ignore_stop_signals)
-        self.iterator = iter(loader)
+    def _order(self, drawn):
+        """Subset positions from batch `drawn` on, epoch after epoch."""
+        epoch, offset = divmod(drawn, self.per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from list(self.sampler)[offset * self.local_batch:
+                                          self.per_epoch * self.local_batch]
+            epoch, offset = epoch + 1, 0
 
     def __next__(self):
         if self.iterator is None:
-            self._start_epoch()
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self._start_epoch()
-            batch = next(self.iterator)
+            loader = DataLoader(self.subset, batch_size=self.local_batch,
+                                sampler=self._order(self.drawn), num_workers=self.workers,
+                                pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
+            self.iterator = iter(loader)
         self.drawn += 1
-        return batch        # images and their indices in the full dataset (for the labels)
+        return next(self.iterator)  # images and their indices in the full dataset
 
 
 # --------------------------------------------------------------------------------------------
