@@ -129,7 +129,8 @@ def g_loss(out, ing):
 
 @contextlib.contextmanager
 def precision(amp, *models):
-    """bf16 autocast for the convolutions (--amp bf16), with spectral norm in float32.
+    """bf16 autocast for the convolutions (--amp bf16, CUDA or a CPU with bf16 units), with
+    spectral norm in float32.
 
     Each normalised weight W / sigma(W) is computed once, before autocast and cached for the
     forward and backward pass, so the power iteration never runs in bf16.
@@ -137,12 +138,13 @@ def precision(amp, *models):
     if not amp:
         yield
         return
+    device_type = next(models[0].parameters()).device.type
     with parametrize.cached():
         for model in models:
             for module in model.modules():
                 if parametrize.is_parametrized(module, "weight"):
                     module.weight       # computed here in float32, then cached
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast(device_type, torch.bfloat16):
             yield
 
 
@@ -159,7 +161,7 @@ def d_step(G, D, opt_D, micro_batches, ing, amp=False):
     results = []
     for i, (real, real_labels, z, fake_labels) in enumerate(micro_batches):
         with _sync_last(D, i == len(micro_batches) - 1):
-            with precision(amp, D):
+            with precision(amp, G, D):
                 with torch.no_grad():
                     fake = G(z, fake_labels)
                 out = D(real, real_labels, fake, fake_labels)

@@ -34,7 +34,9 @@ and a useful training signal without labels. The paper uses it twice, and so doe
    weight decay 1e-4, learning rate 0.1 per 256 images, linear warm-up over the first 5/65 of
    training and x0.1 decays at 45/65 and 55/65. F is a torchvision ResNet whose final fc is an
    identity; the paper's ResNet-50 v2 x16 is out of reach here, so `resnet50` stands in for it
-   at ImageNet scale and `resnet18` serves the tiny preset.
+   at ImageNet scale and `resnet18` serves the tiny preset. On CUDA the forward pass runs in
+   bfloat16 autocast; under torchrun each process takes its share of the batch and DDP averages
+   the gradients.
 
 Run `python rotation.py --data data/tiny-imagenet-10/train --val data/tiny-imagenet-10/val
 --resolution 32 --steps 200 --batch-size 64 --out out/F_rot.pt` to pre-train F on a CPU.
@@ -61,13 +63,12 @@ WARMUP_FRACTION = 5 / 65
 DECAY_FRACTIONS = (45 / 65, 55 / 65)
 LR_PER_256 = 0.1
 
-# Resolutions up to this use a small-image stem (see build_feature_extractor)
-SMALL_STEM_MAX_RESOLUTION = 32
-
+# name -> (torchvision constructor, CIFAR stem?); see build_feature_extractor
 ARCHS = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
+    "resnet18": (torchvision.models.resnet18, False),
+    "resnet34": (torchvision.models.resnet34, False),
+    "resnet50": (torchvision.models.resnet50, False),
+    "resnet18_cifar": (torchvision.models.resnet18, True),
 }
 
 
@@ -187,18 +188,25 @@ def image_folder(root, resolution, train=False):
 def build_feature_extractor(arch="resnet18", resolution=32):
     """F: a torchvision ResNet with its fc replaced by an identity, (B, 3, R, R) -> (B, feat_dim).
 
-    At 32x32 and below the ImageNet stem (7x7 stride-2 conv, then max-pool) would leave layer1
-    only 8x8 pixels, so a 3x3 stride-1 conv replaces it; the max-pool stays, which keeps layer1
-    at R/2 and the network ~8x cheaper than the CIFAR stem without it (2-core CPU budget).
+    resnet18/34/50 keep torchvision's ImageNet stem (7x7 stride-2 conv, max-pool) at every
+    resolution, so at 32x32 layer1 runs at 8x8. resnet18_cifar swaps in the CIFAR stem (3x3
+    stride-1 conv, no max-pool) and runs layer1 at 32x32, for ~25x the CPU time per image: too
+    slow for the 2-core tiny preset, where a 3x3 stem that kept the max-pool (3x the cost) was
+    no more accurate at rotation than resnet18 for the same CPU time. resolution is recorded
+    with F so that loading can check it.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    F = ARCHS[arch](weights=None)
+    if resolution < 16:
+        raise ValueError(f"resolution {resolution} is too small for a ResNet; use >= 16")
+    constructor, cifar_stem = ARCHS[arch]
+    F = constructor(weights=None)
 
-    # Small images: a 3x3 stride-1 first conv (the CIFAR ResNet stem)
-    if resolution <= SMALL_STEM_MAX_RESOLUTION:
+    # CIFAR stem: keep the full resolution until layer1
+    if cifar_stem:
         F.conv1 = nn.Conv2d(3, F.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(F.conv1.weight, mode="fan_out", nonlinearity="relu")
+        F.maxpool = nn.Identity()
 
     # The pre-logits global-pool features are F(x); the rotation head lives outside F
     F.feat_dim = F.fc.in_features

@@ -142,8 +142,10 @@ def parse_args(argv=None):
     add("--device", default="auto", help="cpu, cuda or auto")
     add("--accum", type=int, default=1,
         help="gradient accumulation: each process runs its batch as this many micro-batches")
-    add("--amp", default="none", choices=["none", "bf16"],
-        help="bf16 autocast on CUDA (spectral norm and losses stay float32)")
+    add("--amp", default="auto", choices=["auto", "none", "bf16"],
+        help="bf16 autocast of the convolutions (spectral norm and losses stay float32); "
+             "auto: bf16 on CUDA and on CPUs with native bf16 units, else none")
+    add("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     add("--compile", action="store_true", help="torch.compile G and D")
     add("--eval-every", type=int, default=0,
         help="G steps between FID/IS (or FD_rot) evaluations of the EMA generator; 0: never")
@@ -215,6 +217,16 @@ def setup_world(device_flag):
                             timeout=datetime.timedelta(hours=1))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def resolve_amp(amp, device):
+    """bf16 where the hardware computes it natively (about 2x faster on such a CPU)."""
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if amp == "bf16" and not native:
+        raise SystemExit(f"error: --amp bf16: this {device.type} has no native bf16 "
+                         "arithmetic; use --amp none")
+    return "bf16" if amp == "bf16" or (amp == "auto" and native) else "none"
 
 
 def barrier(world):
@@ -643,8 +655,9 @@ def main(argv=None):
         raise SystemExit(f"error: the per-process batch {local_batch} does not split into "
                          f"--accum {cfg['accum']} micro-batches; use a divisor of it")
     micro = local_batch // cfg["accum"]
-    if cfg["amp"] == "bf16" and device.type != "cuda":
-        raise SystemExit("error: --amp bf16 needs a CUDA device; leave it out on a CPU")
+    cfg["amp"] = resolve_amp(cfg["amp"], device)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     os.makedirs(os.path.join(cfg["out"], "samples"), exist_ok=True)
 
     # Data and the labels this method gives D for real images.
@@ -672,7 +685,8 @@ def main(argv=None):
     G, D = biggan.build_models(cfg)
     D = gan.DiscriminatorWithHeads(D, ing)
     G_ema = gan.make_ema(G)
-    G, D, G_ema = G.to(device), D.to(device), G_ema.to(device)
+    # channels_last: the layout the CPU and GPU convolution kernels prefer (1.2-1.3x on CPU).
+    G, D, G_ema = (m.to(device, memory_format=torch.channels_last) for m in (G, D, G_ema))
     adam = dict(betas=(0.0, 0.999), eps=1e-6, foreach=True)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], **adam)
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], **adam)
@@ -719,7 +733,8 @@ def main(argv=None):
         real, index = next(batches)
         real_labels = (torch.randint(K, (micro,), generator=gen) if random_labels
                        else labels[index])
-        return (real.to(device, non_blocking=True), real_labels.to(device),
+        real = real.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return (real, real_labels.to(device),
                 dataset.targets[index].to(device))
 
     def fake_batch():

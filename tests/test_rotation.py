@@ -148,6 +148,15 @@ def test_image_folder_is_rgb_in_minus1_1_at_the_resolution(tiny_folder):
         rotation.image_folder(tiny_folder + "/missing", 16)
 
 
+@pytest.mark.parametrize("arch, stem_stride", [("resnet18", 2), ("resnet18_cifar", 1)])
+def test_feature_extractor_maps_images_to_feat_dim(arch, stem_stride):
+    F = rotation.build_feature_extractor(arch, 16).eval()
+    assert F.conv1.stride == (stem_stride, stem_stride) and F.feat_dim == 512
+    assert F(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
+    with pytest.raises(ValueError, match="unknown arch"):
+        rotation.build_feature_extractor("vgg", 16)
+
+
 def test_pretrain_a_few_steps_gives_F_with_features(tiny_folder):
     ds = rotation.image_folder(tiny_folder, 16, train=True)
     lines = []
