@@ -66,12 +66,15 @@ METHODS = {
 # Presets: any flag overrides a preset value.
 
 PRESETS = {
-    # The bundled 10-class photos at 32x32 on a 2-core CPU in at most 15 minutes.
+    # The bundled 10-class photos at 32x32 on a 2-core CPU in at most 15 minutes (about 9 for
+    # biggan with bf16 units, 0.4 s per step; the pre-training stages add about 3 each).
+    # ch 16 for 1200 steps gave clearly class-dependent rows where ch 32 for 400 steps, the
+    # same time, did not.
     "tiny": dict(
-        data="data/tiny-imagenet-10/train", resolution=32, ch=32, batch_size=32, steps=300,
-        lr_g=2e-4, lr_d=2e-4, d_steps=2, ema_decay=0.99, ema_start=100,
-        standing_batches=16, sample_every=100, ckpt_every=100, log_every=10,
-        rotated_fraction=2, pretrain_steps=300, pretrain_batch_size=64, clusters=50,
+        data="data/tiny-imagenet-10/train", resolution=32, ch=16, batch_size=32, steps=1200,
+        lr_g=2e-4, lr_d=2e-4, d_steps=2, ema_decay=0.99, ema_start=600,
+        standing_batches=16, sample_every=300, ckpt_every=300, log_every=20,
+        rotated_fraction=2, pretrain_steps=500, pretrain_batch_size=32, clusters=50,
         f_arch="resnet18", workers=0),
     # The paper's configuration (sec. 4, PAPER.md sec. 3): batch 2048, 250k G steps, 2 D steps,
     # Adam(0, 0.999), EMA 0.9999 from step 40k, standing statistics over 204,800 samples.
