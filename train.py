@@ -14,14 +14,11 @@ world of one. A run leaves config.json, log.jsonl, samples/ and ckpt.pt in --out
 same command again resumes from ckpt.pt exactly.
 """
 import argparse
-import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import signal
-import sys
 import time
 import warnings
 
@@ -100,10 +97,21 @@ RUN_IDENTITY = ["method", "data", "resolution", "ch", "num_classes", "batch_size
                 "soft_labels", "rotated_fraction", "ema_decay", "ema_start", "clusters"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults; a flag whose default comes from the preset shows the presets'."""
+
+    def _get_help_string(self, action):
+        key = action.dest
+        if key in PRESETS["tiny"] and action.default is None:
+            values = ", ".join(f"{name} {preset[key]}" for name, preset in PRESETS.items())
+            return f"{action.help} (preset default: {values})"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a GAN of the paper 'High-Fidelity Image Generation With Fewer Labels'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = p.add_argument
     add("--method", default="biggan", choices=list(METHODS), help="the paper's method (Table 1)")
     add("--preset", default="tiny", choices=list(PRESETS),
