@@ -31,9 +31,10 @@ The numbers:
   load_avg        the 1-minute load average at start and end: above the number of cores,
                   other processes shared them and every time above is pessimistic
 
-Speed options, to measure before train.py adopts them: --channels-last (NHWC layout),
---amp bf16 (on a CPU worth it only with avx512_bf16 or AMX; gan.py autocasts on CUDA),
---compile (compile time lands in warmup_s), --fused-adam, --cache-sn, --threads. On a CUDA
+By default the step is train.py's: channels_last layout and --amp auto (bf16 autocast where
+the CUDA device or the CPU has native bf16 units). Options to measure what each buys:
+--no-channels-last, --amp none|bf16, --compile (compile time lands in warmup_s), --fused-adam,
+--cache-sn, --threads. On a CUDA
 device fp32 convolutions may use TF32 (cudnn's default) while the fp32 peak matmul does not,
 so peak_fraction can exceed 1 there.
 
@@ -72,9 +73,10 @@ def parse_args(argv=None):
     add("--rotated-fraction", type=int, default=2, help="rotation methods: n = batch / this / 4")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add("--amp", choices=["none", "bf16"], default="none",
-        help="autocast the step to bfloat16 (CUDA; on CPU an experiment)")
-    add("--channels-last", action="store_true", help="G, D and real images in NHWC layout")
+    add("--amp", choices=["auto", "none", "bf16"], default="auto",
+        help="bf16 autocast as train.py --amp (auto: where the hardware has native bf16)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="G, D and real images in NHWC layout, as train.py")
     add("--compile", action="store_true", help="torch.compile G and D (compile time reported)")
     add("--fused-adam", action="store_true", help="Adam(fused=True) instead of foreach")
     add("--cache-sn", action="store_true",
@@ -153,10 +155,7 @@ def make_step(args, device):
     gen = torch.Generator().manual_seed(0)
     batches = [real_batch(args, K, device, gen) for _ in range(args.d_steps)]
     B, z_dim, count = args.batch_size, G.z_dim, [0]
-    # gan.py autocasts on CUDA itself; on a CPU bench.py adds the autocast (an experiment).
-    cuda_amp = args.amp == "bf16" and device.type == "cuda"
-    cpu_amp = (torch.autocast("cpu", dtype=torch.bfloat16)
-               if args.amp == "bf16" and device.type == "cpu" else contextlib.nullcontext())
+    amp = args.amp == "bf16"      # resolved from auto in main(), as train.py does
     cache = torch.nn.utils.parametrize.cached if args.cache_sn else contextlib.nullcontext
 
     def noise():
@@ -164,12 +163,11 @@ def make_step(args, device):
         return z, torch.randint(K, (B,), generator=gen).to(device)
 
     def step():
-        with cpu_amp:
-            for real, real_labels in batches:
-                with cache():
-                    gan.d_step(G, D, opt_D, [(real, real_labels, *noise())], ing, amp=cuda_amp)
-            with cache():     # as train.py: the G step calls the plain D, never compiled
-                gan.g_step(G, train.unwrap(D), opt_G, [noise()], ing, amp=cuda_amp)
+        for real, real_labels in batches:
+            with cache():
+                gan.d_step(G, D, opt_D, [(real, real_labels, *noise())], ing, amp=amp)
+        with cache():     # as train.py: the G step calls the plain D, never compiled
+            gan.g_step(G, train.unwrap(D), opt_G, [noise()], ing, amp=amp)
         count[0] += 1
         gan.ema_update(G_ema, train.unwrap(G), count[0], 0.99, 100)
 
@@ -257,6 +255,7 @@ def print_table(r):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    args.amp = train.resolve_amp(args.amp, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]      # other processes on a shared machine skew the times
