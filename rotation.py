@@ -39,7 +39,8 @@ and a useful training signal without labels. The paper uses it twice, and so doe
    the gradients.
 
 Run `python rotation.py --data data/tiny-imagenet-10/train --val data/tiny-imagenet-10/val
---resolution 32 --steps 200 --batch-size 64 --out out/F_rot.pt` to pre-train F on a CPU.
+--resolution 32 --steps 500 --batch-size 32 --out out/F_rot.pt` to pre-train F on a CPU: about
+3 minutes on 2 cores, ending near 42% rotation accuracy on val (chance: 25%).
 """
 
 import argparse
@@ -82,10 +83,10 @@ def rotated_count(batch_size, rotated_fraction):
     compare_gan: rotated_bs = bs // rotated_batch_fraction, n = rotated_bs // 4. We ask for exact
     division so that a typo cannot silently shrink the rotation batch.
     """
-    valid = [f for f in range(1, batch_size + 1) if batch_size % (NUM_ROTATIONS * f) == 0]
     exact = (isinstance(rotated_fraction, int) and rotated_fraction >= 1
              and batch_size % (NUM_ROTATIONS * rotated_fraction) == 0)
     if not exact:
+        valid = [f for f in range(1, batch_size + 1) if batch_size % (NUM_ROTATIONS * f) == 0]
         raise ValueError(
             f"--rotated-fraction {rotated_fraction} does not fit batch size {batch_size}: "
             f"n = batch_size / rotated_fraction / 4 must be a whole number >= 1. Valid values "
@@ -197,8 +198,6 @@ def build_feature_extractor(arch="resnet18", resolution=32):
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
-    if resolution < 16:
-        raise ValueError(f"resolution {resolution} is too small for a ResNet; use >= 16")
     constructor, cifar_stem = ARCHS[arch]
     F = constructor(weights=None)
 
@@ -284,7 +283,8 @@ def pretrain_rotation(dataset, steps, batch_size, lr=LR_PER_256, arch="resnet18"
     # The loop: every image in all four rotations, one SGD step per batch
     batches = _batches(dataset, batch_size // world, seed, workers)
     bar = tqdm(range(steps), desc="rotation pre-training", disable=rank != 0)
-    start, seen, window = time.time(), 0, []
+    start, seen = time.time(), 0
+    window = torch.zeros(3, device=device)  # loss sum, correct rotations, rows since last log
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = peak_lr * lr_multiplier(step, steps)
@@ -298,16 +298,22 @@ def pretrain_rotation(dataset, steps, batch_size, lr=LR_PER_256, arch="resnet18"
         loss.backward()
         opt.step()
 
-        # One log line every log_every steps (rank 0), with loss and accuracy averaged since
-        # the last line: single batches are noisy
+        # One log line every log_every steps, with loss and accuracy averaged since the last
+        # line and over all ranks (single batches are noisy); no GPU sync in between
         seen += x_r.shape[0] * world
-        window.append((loss.item(), rotation_accuracy(logits.detach(), r)))
-        if rank == 0 and ((step + 1) % log_every == 0 or step == steps - 1):
-            loss_avg, acc_avg = (sum(v) / len(window) for v in zip(*window))
+        window[0] += loss.detach() * r.numel()
+        window[1] += (logits.detach().argmax(dim=1) == r).sum()
+        window[2] += r.numel()
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            if distributed:
+                dist.all_reduce(window)
+            loss_avg, acc_avg = (window[:2] / window[2]).tolist()
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}")
-            log(f"step {step + 1:6d}/{steps} | loss {loss_avg:.4f} | rot acc {acc_avg:.3f} | "
-                f"lr {opt.param_groups[0]['lr']:.4f} | {seen / (time.time() - start):.0f} img/s")
-            window = []
+            if rank == 0:
+                log(f"step {step + 1:6d}/{steps} | loss {loss_avg:.4f} | rot acc {acc_avg:.3f}"
+                    f" | lr {opt.param_groups[0]['lr']:.4f} | "
+                    f"{seen / (time.time() - start):.0f} img/s")
+            window.zero_()
 
     F.eval()
     return (F, c_R) if return_head else F
@@ -368,7 +374,11 @@ def load_feature_extractor(path, resolution=None, device="cpu"):
             f"{resolution}x{resolution} images were asked for; pre-train F again with "
             f"`python rotation.py --resolution {resolution} ...`")
     F = build_feature_extractor(meta["arch"], meta["resolution"])
-    F.load_state_dict(ckpt["state_dict"])
+    try:
+        F.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not match the {meta['arch']} that this rotation.py "
+                         f"builds (an older file?); pre-train F again: {err}") from None
     F.meta = meta
     return F.to(device).eval()
 
@@ -389,17 +399,19 @@ def main(argv=None):
                         help="image side in pixels after centre-crop and resize (default 32)")
     parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS),
                         help="torchvision ResNet for F (default resnet18; resnet50 at "
-                             "ImageNet scale)")
-    parser.add_argument("--steps", type=int, default=200,
-                        help="SGD steps; warm-up and decays scale with it (default 200)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="source images per step, each seen in all 4 rotations (default 64)")
+                             "ImageNet scale; resnet18_cifar has the CIFAR stem, ~25x slower "
+                             "at 32x32)")
+    parser.add_argument("--steps", type=int, default=500,
+                        help="SGD steps; warm-up and decays scale with it (default 500)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="source images per step, each seen in all 4 rotations (default 32)")
     parser.add_argument("--lr", type=float, default=LR_PER_256,
                         help="peak learning rate per 256 source images, scaled by "
                              "batch/256 (default 0.1)")
     parser.add_argument("--weight-decay", type=float, default=1e-4,
                         help="SGD weight decay (default 1e-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for init and shuffling")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for init and shuffling (default 0)")
     parser.add_argument("--log-every", type=int, default=50,
                         help="steps between log lines (default 50)")
     parser.add_argument("--workers", type=int, default=0,

@@ -47,9 +47,11 @@ def test_tiny_run_prints_a_consistent_json_line(capsys):
     # img_per_s counts the real images of d_steps D steps; FLOP/s and the fraction follow.
     step_s = parsed["ms_per_step"] / 1e3
     assert parsed["img_per_s"] == pytest.approx(2 * 4 / step_s, rel=1e-3)
-    assert parsed["gflops"] == pytest.approx(parsed["gflop_per_step"] / step_s, rel=1e-2)
+    # (abs: the JSON rounds to 0.01 GFLOP/s, coarse for a tiny model on a busy machine)
+    assert parsed["gflops"] == pytest.approx(parsed["gflop_per_step"] / step_s, rel=1e-2,
+                                             abs=0.01)
     assert parsed["peak_fraction"] == pytest.approx(parsed["gflops"] / parsed["peak_gflops"],
-                                                    rel=1e-2)
+                                                    rel=1e-2, abs=1e-3)
 
     # The same step counted here, with gan.d_step / gan.g_step called directly.
     assert parsed["gflop_per_step"] == pytest.approx(step_flops(4) / 1e9, rel=1e-3)

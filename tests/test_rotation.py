@@ -199,6 +199,11 @@ def test_extract_features_save_load_roundtrip_and_wrong_resolution(tiny_folder, 
 
     with pytest.raises(ValueError, match="pre-trained at 16x16"):
         rotation.load_feature_extractor(path, resolution=32)
+    ckpt = torch.load(path)
+    ckpt["meta"]["arch"] = "resnet18_cifar"  # a file whose weights do not fit its arch
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="pre-train F again"):
+        rotation.load_feature_extractor(path)
     with pytest.raises(ValueError, match="no feature extractor"):
         rotation.load_feature_extractor(str(tmp_path / "nothing.pt"))
 
