@@ -83,13 +83,10 @@ PRESETS = {
         standing_batches=3200, sample_every=5000, ckpt_every=2500, log_every=100,
         rotated_fraction=2, pretrain_steps=40_625, pretrain_batch_size=2048, clusters=50,
         f_arch="resnet50", workers=8),
-    "imagenet256": dict(
-        data=None, resolution=256, ch=96, batch_size=2048, steps=250_000,
-        lr_g=1e-4, lr_d=5e-4, d_steps=2, ema_decay=0.9999, ema_start=40_000,
-        standing_batches=3200, sample_every=5000, ckpt_every=2500, log_every=100,
-        rotated_fraction=2, pretrain_steps=40_625, pretrain_batch_size=2048, clusters=50,
-        f_arch="resnet50", workers=8),
 }
+
+# The paper's 256x256 run: the same settings at the larger resolution (z 140 comes with it).
+PRESETS["imagenet256"] = dict(PRESETS["imagenet128"], resolution=256)
 
 # A checkpoint resumes only under the same values of these; the others may change.
 RUN_IDENTITY = ["method", "data", "resolution", "ch", "num_classes", "batch_size", "lr_g",
