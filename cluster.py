@@ -225,7 +225,9 @@ def main(argv=None):
             "f_checkpoint": args.f_checkpoint, "iters": args.iters,
             "batch_size": args.batch_size, **scores}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save({"labels": labels.long().cpu(), "meta": meta}, args.out)
+    # written whole or not at all: a crash never leaves half a labels file behind
+    torch.save({"labels": labels.long().cpu(), "meta": meta}, args.out + ".tmp")
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(labels)} cluster labels to {args.out}")
 
 

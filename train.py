@@ -687,6 +687,12 @@ def main(argv=None):
                              f"{cfg['batch_size']} over {world} process(es) and --accum "
                              f"{cfg['accum']} micro-batches)")
     random_labels = METHODS[cfg["method"]]["labels"] == "random"
+    # S2L labels every image; the log says how often they are right on the unlabeled ones
+    s2l_unlabeled = None
+    if METHODS[cfg["method"]]["labels"] == "s2l":
+        import semisup
+        s2l_unlabeled = semisup.labeled_subset(dataset.targets, cfg["label_fraction"],
+                                               cfg["seed"]) < 0
 
     # Models: identical initial weights on every process; per-process noise streams.
     torch.manual_seed(cfg["seed"])
@@ -742,8 +748,9 @@ def main(argv=None):
         real_labels = (torch.randint(K, (micro,), generator=gen) if random_labels
                        else labels[index])
         real = real.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return (real, real_labels.to(device),
-                dataset.targets[index].to(device))
+        unlabeled = (real_labels < 0 if s2l_unlabeled is None else s2l_unlabeled[index])
+        return (real, real_labels.to(device), dataset.targets[index].to(device),
+                unlabeled.to(device))
 
     def fake_batch():
         return (torch.randn(micro, z_dim, generator=gen).to(device),
@@ -810,12 +817,12 @@ def main(argv=None):
             fakes = [fake_batch() for _ in range(cfg["accum"])]
             results = gan.d_step(G, D, opt_D, [r[:2] + f for r, f in zip(reals, fakes)], ing,
                                  amp=cfg["amp"] == "bf16")
-            for (out, parts), (_, real_labels, truth) in zip(results, reals):
-                accumulate(sums, parts, out, real_labels, truth, ing)
+            for (out, parts), (_, real_labels, truth, unlabeled) in zip(results, reals):
+                accumulate(sums, parts, out, real_labels, truth, unlabeled, ing)
 
         fakes = [fake_batch() for _ in range(cfg["accum"])]
         for out, parts in gan.g_step(G, unwrap(D), opt_G, fakes, ing, amp=cfg["amp"] == "bf16"):
-            accumulate(sums, parts, out, None, None, ing)
+            accumulate(sums, parts, out, None, None, None, ing)
         step += 1
         gan.ema_update(G_ema, unwrap(G), step, cfg["ema_decay"], cfg["ema_start"])
         bar.update(1)
@@ -848,18 +855,23 @@ def main(argv=None):
     return cfg
 
 
-def accumulate(sums, parts, out, real_labels, true_labels, ing):
-    """Running sums of the losses and accuracies for the next log line (no host syncs)."""
+def accumulate(sums, parts, out, real_labels, true_labels, unlabeled, ing):
+    """Running sums of the losses and accuracies for the next log line (no host syncs).
+
+    unlabeled marks the real rows outside the labeled subset: for co-training, those the head
+    labels; for S2L, those whose label is the pre-trained classifier's guess alone.
+    """
     values = {k: v.detach() for k, v in parts.items()}
     if "loss_hinge_d" in parts:
         values["loss_d"] = sum(values.values())
         if ing.rotation:
             values["acc_rot_real"] = rotation_hits(out["real_rot_logits"], ing.rotated_n)
+        # How often the label D is given for an unlabeled image is its true class.
         if ing.cotrain:
-            labeled = real_labels >= 0
-            values["acc_cls"] = (out["cls_logits"].argmax(1) == real_labels)[labeled]
-            # How often the label D is given for an unlabeled image is its true class.
-            values["acc_labels"] = (out["real_y"].argmax(1) == true_labels)[~labeled]
+            values["acc_cls"] = (out["cls_logits"].argmax(1) == real_labels)[~unlabeled]
+            values["acc_labels"] = (out["real_y"].argmax(1) == true_labels)[unlabeled]
+        else:   # empty (and left out of the log) unless the labels are S2L's
+            values["acc_labels"] = (real_labels == true_labels)[unlabeled]
     else:
         values["loss_g"] = sum(values.values())
         if ing.rotation:

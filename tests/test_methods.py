@@ -24,6 +24,10 @@ def test_two_step_smoke_run(method, folder, tmp_path):
     assert ("loss_rot_d" in log[-1]) == spec.get("rotation", False)
     assert ("acc_rot_fake" in log[-1]) == spec.get("rotation", False)
     assert ("loss_cls" in log[-1]) == spec.get("cotrain", False)
+    # the accuracy of the labels D is given for unlabeled images, where such labels exist
+    assert ("acc_labels" in log[-1]) == (spec["labels"] in ("partial", "s2l"))
+    if "acc_labels" in log[-1]:
+        assert 0 <= log[-1]["acc_labels"] <= 1
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     labels = ckpt["labels"]
     if spec["labels"] == "partial":
