@@ -587,14 +587,19 @@ def plot_log(log_path, png_path):
     keys = [k for k in LOG_KEYS + METRIC_KEYS
             if k.startswith(("loss", "acc")) or k in METRIC_KEYS]
     keys = [k for k in keys if any(k in r for r in records)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    # One panel per kind of number that the run has: losses, accuracies, metrics
+    panels = {}
     for k in keys:
-        ax = axes[0] if k.startswith("loss") else axes[1] if k.startswith("acc") else axes[2]
-        points = [(r["step"], r[k]) for r in records if k in r]
-        ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None)
-    for ax, title in zip(axes, ["losses", "accuracies", "FID / IS / FD_rot"]):
+        title = ("losses" if k.startswith("loss") else "accuracies" if k.startswith("acc")
+                 else "FID / IS / FD_rot")
+        panels.setdefault(title, []).append(k)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, panel_keys) in zip(axes[0], panels.items()):
+        for k in panel_keys:
+            points = [(r["step"], r[k]) for r in records if k in r]
+            ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("G step")
         if ax.lines:
@@ -792,6 +797,7 @@ def main(argv=None):
             if "IS" in scores:
                 record["IS"] = round(scores["IS"], 3)
             tqdm.write(write_log(log_path, record))
+            plot_log(log_path, os.path.join(cfg["out"], "samples", "curves.png"))
         barrier(world)
 
     # A preempted job (SIGTERM from the scheduler, or SIGUSR1) saves and exits cleanly.

@@ -167,3 +167,13 @@ def test_signal_saves_a_checkpoint_that_resumes(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(train.gan, "ema_update", original)
     run(folder, out, "--steps", "5")
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 5
+
+
+def test_curves_have_one_panel_per_kind_of_number(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [dict(step=s, loss_d=1.0 / s, loss_g=0.5) for s in (1, 2, 3)] + [
+        dict(step=3, FD_rot=12.5)]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    train.plot_log(str(log), str(tmp_path / "curves.png"))
+    # losses and FD_rot, no empty accuracy panel: two 5-inch panels at 80 dpi
+    assert Image.open(tmp_path / "curves.png").size[0] == 2 * 5 * 80
