@@ -207,6 +207,9 @@ def main(argv=None):
         dataset = rotation.image_folder(args.data, F.resolution)
     except ValueError as err:
         raise SystemExit(f"bad --f-checkpoint/--data: {err}")
+    if not 2 <= args.clusters <= len(dataset):
+        raise SystemExit(f"--clusters must be between 2 and the number of images "
+                         f"({len(dataset)}); got {args.clusters}")
     features = rotation.extract_features(F, dataset, args.feature_batch).to(device)
 
     # Cluster, then compare with the true classes (never used for training)

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -99,13 +100,17 @@ class _Inception(torch.nn.Module):
                                                feature_extractor_weights_path=weights)
 
     def forward(self, images):
-        conv = torch.backends.cudnn.conv
-        saved = conv.fp32_precision
-        conv.fp32_precision = "ieee"
+        # torch >= 2.9 names the switch cudnn.conv.fp32_precision, older ones allow_tf32
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        new_api = hasattr(conv, "fp32_precision")
+        owner, name, full = ((conv, "fp32_precision", "ieee") if new_api
+                             else (torch.backends.cudnn, "allow_tf32", False))
+        saved = getattr(owner, name)
+        setattr(owner, name, full)
         try:
             (pool,) = self.net(images)
         finally:
-            conv.fp32_precision = saved
+            setattr(owner, name, saved)
         return pool, pool.double() @ self.net.fc.weight.double().T
 
 
@@ -286,7 +291,12 @@ class RealImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = default_loader(self.files[i])
+        try:
+            image = default_loader(self.files[i])
+        except (OSError, SyntaxError) as err:
+            # the real statistics must be those of the named set: stop rather than skip
+            raise ValueError(f"unreadable real image {self.files[i]} ({err}); remove or "
+                             "replace it") from None
         image = TF.center_crop(image, min(image.size))
         image = TF.resize(image, [self.resolution, self.resolution], antialias=True)
         return TF.pil_to_tensor(image)
@@ -439,8 +449,12 @@ def load_generator(ckpt_path, device="cpu"):
         raise ValueError(f"checkpoint {ckpt_path} does not exist (train.py writes "
                          f"out/<run>/ckpt.pt)")
     # weights_only=False: a train.py checkpoint also holds RNG states and a config dict.
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    missing = [k for k in ("config", "G_ema") if k not in ckpt]
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{ckpt_path} is not a file that torch can read ({err}); pass the "
+                         "ckpt.pt that train.py writes") from None
+    missing = [k for k in ("config", "G_ema") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{ckpt_path} is not a train.py checkpoint: no {missing}")
     cfg = ckpt["config"]
@@ -482,6 +496,9 @@ def main(argv=None):
         raise SystemExit(f"--ckpt {args.ckpt}: no such file (train.py writes out/<run>/ckpt.pt)")
     if not os.path.isdir(args.real):
         raise SystemExit(f"--real {args.real}: no such folder of real images")
+    if args.fake_sets < 1 or args.num_samples < 2 or args.batch_size < 1:
+        raise SystemExit("--fake-sets and --batch-size must be at least 1 and --num-samples "
+                         "at least 2")
     try:
         # G, then the feature space: missing weights stop the run before any sampling.
         G, ckpt = load_generator(args.ckpt, args.device)

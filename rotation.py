@@ -45,7 +45,9 @@ Run `python rotation.py --data data/tiny-imagenet-10/train --val data/tiny-image
 
 import argparse
 import os
+import pickle
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -181,9 +183,21 @@ def image_folder(root, resolution, train=False):
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
     try:
-        return torchvision.datasets.ImageFolder(root, transforms.Compose(steps))
+        return torchvision.datasets.ImageFolder(root, transforms.Compose(steps),
+                                                loader=_tolerant_loader)
     except FileNotFoundError as err:
         raise ValueError(f"no images found under {root!r}: {err}") from None
+
+
+def _tolerant_loader(path):
+    """An RGB image; an unreadable file becomes a grey one with a warning that names it, so
+    that one bad file neither stops hours of pre-training nor shifts the images' order."""
+    try:
+        return torchvision.datasets.folder.default_loader(path)
+    except (OSError, ValueError, SyntaxError) as err:
+        warnings.warn(f"unreadable image {path} replaced by a grey image: {err}")
+        from PIL import Image
+        return Image.new("RGB", (64, 64), (128, 128, 128))
 
 
 def build_feature_extractor(arch="resnet18", resolution=32):
@@ -366,7 +380,15 @@ def load_feature_extractor(path, resolution=None, device="cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"no feature extractor at {path!r}; pre-train one with "
                          f"`python rotation.py --data DIR --out {path}`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a file that torch can read ({err}); pass the F "
+                         "written by `python rotation.py --out PATH`") from None
+    if not isinstance(ckpt, dict) or not {"meta", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{path} is not a feature extractor written by rotation.py (an S2L "
+                         "file of semisup.py or a train.py checkpoint?); pass the F written "
+                         "by `python rotation.py --out PATH`")
     meta = ckpt["meta"]
     if resolution is not None and resolution != meta["resolution"]:
         raise ValueError(

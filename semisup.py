@@ -59,11 +59,17 @@ def labeled_subset(targets, fraction, seed):
         if count < 1:
             raise ValueError(
                 f"--label-fraction {fraction} leaves class {c} ({n_c} images) with no labeled "
-                f"image; use --label-fraction {0.5 / sizes.min().item():.6g} or more")
+                f"image; use --label-fraction {_round_up(0.5 / sizes.min().item())} or more")
         members = (targets == c).nonzero().squeeze(1)
         chosen = members[torch.randperm(n_c, generator=generator)[:count]]
         labels[chosen] = c
     return labels
+
+
+def _round_up(x, digits=6):
+    """x rounded up to `digits` significant digits, so that a suggested value is enough."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale) / scale
 
 
 # ---------------------------------------------------------------------------------------------

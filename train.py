@@ -91,7 +91,8 @@ PRESETS["imagenet256"] = dict(PRESETS["imagenet128"], resolution=256)
 # A checkpoint resumes only under the same values of these; the others may change.
 RUN_IDENTITY = ["method", "data", "resolution", "ch", "num_classes", "batch_size", "lr_g",
                 "lr_d", "d_steps", "seed", "label_fraction", "alpha", "beta", "lam",
-                "soft_labels", "rotated_fraction", "ema_decay", "ema_start", "clusters"]
+                "soft_labels", "rotated_fraction", "ema_decay", "ema_start", "clusters",
+                "f_checkpoint", "f_arch", "pretrain_steps", "pretrain_batch_size"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,7 +148,8 @@ def parse_args(argv=None):
     add("--f-arch", help="torchvision ResNet used as feature extractor F")
     add("--f-checkpoint", help="a rotation pre-trained F (rotation.py) instead of training one")
     add("--workers", type=int, help="data loader worker processes")
-    add("--device", default="auto", help="cpu, cuda or auto")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where to train; auto: CUDA when there is a GPU")
     add("--accum", type=int, default=1,
         help="gradient accumulation: each process runs its batch as this many micro-batches")
     add("--amp", default="auto", choices=["auto", "none", "bf16"],
@@ -199,12 +201,20 @@ def check_config(cfg):
         raise SystemExit(f"error: --label-fraction must be in (0, 1], got {cfg['label_fraction']}")
     if cfg["workers"] < 0:
         raise SystemExit("error: --workers must be 0 or more")
+    if cfg["threads"] is not None and cfg["threads"] < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {cfg['threads']}")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU here; use "
+                         "--device cpu (or auto)")
     if cfg["accum"] < 1 or cfg["eval_every"] < 0 or cfg["eval_samples"] < 2:
         raise SystemExit("error: --accum must be at least 1, --eval-every at least 0 and "
                          "--eval-samples at least 2")
     if cfg["eval_real"] is None:
         val = os.path.join(os.path.dirname(os.path.abspath(cfg["data"])), "val")
         cfg["eval_real"] = val if os.path.isdir(val) else cfg["data"]
+    if cfg["eval_every"] and not os.path.isdir(cfg["eval_real"]):
+        raise SystemExit(f"error: --eval-real {cfg['eval_real']} is not a folder; the "
+                         "evaluation needs real images (one sub-folder per class)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,9 +302,11 @@ class RealImages(Dataset):
         if self.pixels is not None:
             img = self.pixels[i]
         else:
-            img = self._read(self.samples[i][0])
+            img, tries = self._read(self.samples[i][0]), 1
             while img is None:      # an unreadable file: take the next one instead
-                i = (i + 1) % len(self.samples)
+                if tries == len(self.samples):
+                    raise SystemExit(f"error: no readable images in {self.root}")
+                i, tries = (i + 1) % len(self.samples), tries + 1
                 img = self._read(self.samples[i][0])
         return img.float() / 127.5 - 1, i
 
@@ -371,7 +383,7 @@ def stage_path(cfg, name, *keys):
     return os.path.join(cfg["out"], f"{name}-{digest}.pt")
 
 
-def real_label_table(cfg, dataset, log):
+def real_label_table(cfg, dataset, log, device=None):
     """(labels, used indices, number of classes, fake-label distribution or None for uniform).
 
     labels[i] is the label D is given for image i (-1: to be predicted by the co-training head).
@@ -391,10 +403,10 @@ def real_label_table(cfg, dataset, log):
             return subset, used, K, None
         return subset, everything, K, None
     if kind == "cluster":
-        labels = cluster_labels(cfg, dataset, log)
+        labels = cluster_labels(cfg, dataset, log, device)
         return labels, everything, cfg["clusters"], empirical(labels, cfg["clusters"])
     if kind == "s2l":
-        labels = s2l_labels(cfg, dataset, log)
+        labels = s2l_labels(cfg, dataset, log, device)
         return labels, everything, K, empirical(labels, K)
     raise ValueError(kind)
 
@@ -417,7 +429,7 @@ def cached(path, compute):
     return result
 
 
-def feature_extractor_path(cfg, dataset, log):
+def feature_extractor_path(cfg, dataset, log, device=None):
     """F pre-trained with the rotation loss (eq. 1): --f-checkpoint, or the cached file in --out,
     trained first if it is not there yet."""
     import rotation
@@ -430,7 +442,8 @@ def feature_extractor_path(cfg, dataset, log):
             f"steps) -> {path}")
         F = rotation.pretrain_rotation(
             dataset, cfg["pretrain_steps"], cfg["pretrain_batch_size"], arch=cfg["f_arch"],
-            resolution=cfg["resolution"], seed=cfg["seed"], log=log, workers=cfg["workers"])
+            resolution=cfg["resolution"], seed=cfg["seed"], log=log, workers=cfg["workers"],
+            device=device)
         if not dist.is_initialized() or dist.get_rank() == 0:
             rotation.save_feature_extractor(F, path, dict(data=cfg["data"], seed=cfg["seed"]))
         if dist.is_initialized():
@@ -438,24 +451,28 @@ def feature_extractor_path(cfg, dataset, log):
     return path
 
 
-def feature_extractor(cfg, dataset, log):
+def feature_extractor(cfg, dataset, log, device=None):
     import rotation
-    return rotation.load_feature_extractor(feature_extractor_path(cfg, dataset, log),
-                                           cfg["resolution"])
+    return rotation.load_feature_extractor(feature_extractor_path(cfg, dataset, log, device),
+                                           cfg["resolution"], device=device or "cpu")
 
 
-def cluster_labels(cfg, dataset, log):
+def cluster_labels(cfg, dataset, log, device=None):
     """CLUSTERING (sec. 3.1): mini-batch k-means of F(x), one cluster id per image."""
     import cluster
     import rotation
-    key = cfg["f_checkpoint"] or [cfg["f_arch"], cfg["pretrain_steps"],
-                                  cfg["pretrain_batch_size"]]
+    if cfg["f_checkpoint"]:     # a file re-trained in place must not reuse stale clusters
+        info = os.stat(cfg["f_checkpoint"]) if os.path.isfile(cfg["f_checkpoint"]) else None
+        key = [os.path.abspath(cfg["f_checkpoint"]), info and info.st_size,
+               info and info.st_mtime_ns]
+    else:
+        key = [cfg["f_arch"], cfg["pretrain_steps"], cfg["pretrain_batch_size"]]
     if not 2 <= cfg["clusters"] <= len(dataset):
         raise ValueError(f"--clusters must be between 2 and the number of images "
                          f"({len(dataset)}); got {cfg['clusters']}")
 
     def compute():
-        F = feature_extractor(cfg, dataset, log)
+        F = feature_extractor(cfg, dataset, log, device)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         # Each process extracts and clusters its own contiguous shard (sums all-reduced).
         shard = torch.arange(len(dataset)).tensor_split(world)[rank]
@@ -474,7 +491,7 @@ def cluster_labels(cfg, dataset, log):
     return cached(stage_path(cfg, "clusters", key, cfg["clusters"]), compute)["labels"]
 
 
-def s2l_labels(cfg, dataset, log):
+def s2l_labels(cfg, dataset, log, device=None):
     """S2GAN (sec. 3.1, eq. 2): F and c_S2L trained on L_R + gamma CE, then y = c_S2L(F(x)).
 
     Every image, labeled or not, gets the classifier's label, as the paper's formula reads.
@@ -488,7 +505,7 @@ def s2l_labels(cfg, dataset, log):
         F, clf = semisup.pretrain_s2l(
             dataset, subset, cfg["pretrain_steps"], cfg["pretrain_batch_size"],
             arch=cfg["f_arch"], resolution=cfg["resolution"], seed=cfg["seed"], log=log,
-            workers=cfg["workers"])
+            workers=cfg["workers"], device=device)
         labels = semisup.predict_labels(F, clf, dataset)
         unlabeled = subset < 0
         accuracy = (labels == dataset.targets)[unlabeled].float().mean().item()
@@ -561,13 +578,13 @@ def check_resume(saved, cfg):
 
 # --------------------------------------------------------------------------------------------
 
-def eval_feature_space(cfg, dataset, log, load=True):
+def eval_feature_space(cfg, dataset, log, device=None, load=True):
     """The feature network of --eval-every, loaded once on the evaluating process (missing
     Inception weights stop the run here, before training)."""
     spec = cfg["eval_features"]
     try:
         if spec == "rotation":      # this run's own rotation pre-trained F (trained if needed)
-            spec = "rotation:" + feature_extractor_path(cfg, dataset, log)
+            spec = "rotation:" + feature_extractor_path(cfg, dataset, log, device)
         if not load:
             return None
         return metrics.load_feature_space(spec, cfg["resolution"], cfg["inception_weights"])
@@ -616,9 +633,49 @@ def unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
 
+def preflight(cfg, targets, world=1):
+    """The checks that need the data or the method, shared by a run and --dry-run, before
+    anything is trained: per-process batch, rotated fraction, label subset, clusters, F.
+
+    Returns n, the number of rotated real (and fake) images per micro-batch (0: no rotation).
+    """
+    if cfg["batch_size"] % world:
+        raise SystemExit(f"error: --batch-size {cfg['batch_size']} does not divide over "
+                         f"{world} processes; use a multiple of {world}")
+    local_batch = cfg["batch_size"] // world
+    if local_batch % cfg["accum"]:
+        raise SystemExit(f"error: the per-process batch {local_batch} does not split into "
+                         f"--accum {cfg['accum']} micro-batches; use a divisor of it")
+    micro, method = local_batch // cfg["accum"], METHODS[cfg["method"]]
+    n = 0
+    if method.get("rotation"):
+        import rotation
+        try:
+            n = rotation.rotated_count(micro, cfg["rotated_fraction"])
+        except ValueError as err:       # name where the per-process batch size comes from
+            raise SystemExit(f"error: {err} (batch size {micro} per process: --batch-size "
+                             f"{cfg['batch_size']} over {world} process(es) and --accum "
+                             f"{cfg['accum']} micro-batches)")
+    try:
+        if method["labels"] in ("labeled", "partial", "s2l"):
+            import semisup
+            semisup.labeled_subset(targets, cfg["label_fraction"], cfg["seed"])
+        if method["labels"] == "cluster":
+            if not 2 <= cfg["clusters"] <= len(targets):
+                raise ValueError(f"--clusters must be between 2 and the number of images "
+                                 f"({len(targets)}); got {cfg['clusters']}")
+            if cfg["f_checkpoint"]:
+                import rotation
+                rotation.load_feature_extractor(cfg["f_checkpoint"], cfg["resolution"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    return n
+
+
 def dry_run(cfg):
     """--dry-run: what the command would do, without doing it."""
     folder = image_folder(cfg["data"])
+    preflight(cfg, folder.targets)
     kind = METHODS[cfg["method"]]["labels"]
     K = {"constant": 1, "cluster": cfg["clusters"]}.get(kind, len(folder.classes))
     cfg = dict(cfg, num_classes=K)
@@ -659,38 +716,25 @@ def main(argv=None):
         if is_main:
             tqdm.write(msg)
 
-    # Per-process batch: the global batch is split across processes.
-    if cfg["batch_size"] % world:
-        raise SystemExit(f"error: --batch-size {cfg['batch_size']} does not divide over "
-                         f"{world} processes; use a multiple of {world}")
-    local_batch = cfg["batch_size"] // world
-    if local_batch % cfg["accum"]:
-        raise SystemExit(f"error: the per-process batch {local_batch} does not split into "
-                         f"--accum {cfg['accum']} micro-batches; use a divisor of it")
-    micro = local_batch // cfg["accum"]
+    # Per-process batch: the global batch is split across processes, then into --accum parts.
+    micro = cfg["batch_size"] // world // cfg["accum"]
     cfg["amp"] = resolve_amp(cfg["amp"], device)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    os.makedirs(os.path.join(cfg["out"], "samples"), exist_ok=True)
 
     # Data and the labels this method gives D for real images.
     dataset = RealImages(cfg["data"], cfg["resolution"], show_progress=is_main)
+    rotated_n = preflight(cfg, dataset.targets, world)
+    os.makedirs(os.path.join(cfg["out"], "samples"), exist_ok=True)
     try:
-        labels, used, K, probs = real_label_table(cfg, dataset, log)
+        labels, used, K, probs = real_label_table(cfg, dataset, log, device)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     cfg["num_classes"] = K
     ing = gan.Ingredients(**{k: v for k, v in METHODS[cfg["method"]].items() if k != "labels"})
     ing.alpha, ing.beta, ing.lam, ing.soft_labels = (cfg["alpha"], cfg["beta"], cfg["lam"],
                                                      cfg["soft_labels"])
-    if ing.rotation:
-        import rotation
-        try:
-            ing.rotated_n = rotation.rotated_count(micro, cfg["rotated_fraction"])
-        except ValueError as err:       # name where the per-process batch size comes from
-            raise SystemExit(f"error: {err} (batch size {micro} per process: --batch-size "
-                             f"{cfg['batch_size']} over {world} process(es) and --accum "
-                             f"{cfg['accum']} micro-batches)")
+    ing.rotated_n = rotated_n
     random_labels = METHODS[cfg["method"]]["labels"] == "random"
     # S2L labels every image; the log says how often they are right on the unlabeled ones
     s2l_unlabeled = None
@@ -717,6 +761,10 @@ def main(argv=None):
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         check_resume(ckpt["config"], cfg)
+        if not torch.equal(ckpt["labels"].cpu(), labels.cpu()):
+            raise SystemExit(f"error: the real-image labels differ from those {ckpt_path} was "
+                             "trained with (a pre-training stage or --f-checkpoint file "
+                             "changed?); use another --out to train on the new labels")
         G.load_state_dict(ckpt["G"])
         D.load_state_dict(ckpt["D"])
         G_ema.load_state_dict(ckpt["G_ema"])
@@ -787,11 +835,17 @@ def main(argv=None):
 
     def evaluation():
         if is_main:
-            scores = metrics.evaluate(
-                G_ema, K, cfg["eval_real"], feature_space=space,
-                num_samples=cfg["eval_samples"], fake_sets=1, batch_size=64,
-                standing_batches=cfg["standing_batches"], seed=cfg["seed"], device=device,
-                progress=False)
+            try:
+                scores = metrics.evaluate(
+                    G_ema, K, cfg["eval_real"], feature_space=space,
+                    num_samples=cfg["eval_samples"], fake_sets=1, batch_size=64,
+                    standing_batches=cfg["standing_batches"], seed=cfg["seed"],
+                    device=device, progress=False)
+            except ValueError as err:
+                raise SystemExit(f"error: the evaluation at step {step} failed: {err}. The "
+                                 f"checkpoint of step {step} is saved in {cfg['out']}; "
+                                 "score it with metrics.py --ckpt, or fix --eval-real and "
+                                 "run again to resume") from None
             name = "FID" if "FID" in scores else "FD_rot"
             record = {"step": step, name: round(scores[name], 3)}
             if "IS" in scores:
@@ -810,7 +864,8 @@ def main(argv=None):
         f"parameters, batch {cfg['batch_size']} ({cfg['accum']} x {micro} per process), "
         f"{cfg['steps']} steps -> {cfg['out']}")
     log_path = os.path.join(cfg["out"], "log.jsonl")
-    space = eval_feature_space(cfg, dataset, log, load=is_main) if cfg["eval_every"] else None
+    space = (eval_feature_space(cfg, dataset, log, device, load=is_main) if cfg["eval_every"]
+             else None)
     if step == 0:
         samples()
 
@@ -844,8 +899,6 @@ def main(argv=None):
             t_log, step_log, sums = now, step, {}
         if step % cfg["sample_every"] == 0 or step == cfg["steps"]:
             samples()
-        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-            evaluation()
         if world > 1:
             dist.all_reduce(stop)       # every process stops at the same step
         if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop.item():
@@ -853,6 +906,9 @@ def main(argv=None):
         if stop.item():
             log(f"stopped by a signal at step {step}; checkpoint saved, run again to resume")
             break
+        # After the checkpoint: an evaluation that fails loses no training
+        if cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            evaluation()
     bar.close()
     for sig, handler in previous.items():
         signal.signal(sig, handler)

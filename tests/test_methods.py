@@ -70,8 +70,12 @@ def test_pretraining_stages_are_cached(folder, tmp_path):
     (["--method", "clustering", "--clusters", "1"], "--clusters must be between 2"),
     (["--method", "clustering", "--clusters", "1000"], "--clusters must be between 2"),
     (["--method", "clustering", "--f-checkpoint", "/no/F.pt"], "no feature extractor"),
+    (["--method", "s3gan_co", "--batch-size", "12"], "--rotated-fraction 2 does not fit"),
+    (["--method", "s2gan", "--label-fraction", "0.01"], "leaves class 0"),
 ])
-def test_bad_method_flags(args, message, folder, tmp_path):
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_bad_method_flags(args, message, dry, folder, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train.main(["--data", folder, "--out", str(tmp_path / "x"), *SMALL, "--steps", "1",
-                    *args])
+                    *args, *dry])
+    assert not (tmp_path / "x").exists()     # refused before anything was written

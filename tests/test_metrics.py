@@ -225,6 +225,19 @@ def test_real_images_are_centre_cropped_and_resized(real_dir):
     assert x.dtype == torch.uint8 and x.shape == (3, 16, 16)
     with pytest.raises(ValueError, match="has 12 images"):
         metrics.RealImages(real_dir, 16, count=13)
+    with open(images.files[0], "r+b") as f:     # truncated: real statistics must not skip it
+        f.truncate(60)
+    with pytest.raises(ValueError, match="unreadable real image .*0.png"):
+        images[0]
+
+
+def test_a_file_that_is_no_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a file that torch can read"):
+        metrics.load_generator(str(tmp_path / "x.pt"))
+    torch.save({"meta": {}}, tmp_path / "y.pt")
+    with pytest.raises(ValueError, match="is not a train.py checkpoint"):
+        metrics.load_generator(str(tmp_path / "y.pt"))
 
 
 def test_inception_path_with_random_weights(tmp_path, monkeypatch):

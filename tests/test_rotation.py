@@ -3,6 +3,7 @@
 Run: python -m pytest tests/test_rotation.py -v
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -206,6 +207,26 @@ def test_extract_features_save_load_roundtrip_and_wrong_resolution(tiny_folder, 
         rotation.load_feature_extractor(path)
     with pytest.raises(ValueError, match="no feature extractor"):
         rotation.load_feature_extractor(str(tmp_path / "nothing.pt"))
+
+    # files that are not an F: garbage bytes, and another torch file (semisup.py's S2L model)
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a file that torch can read"):
+        rotation.load_feature_extractor(str(tmp_path / "garbage.pt"))
+    torch.save({"F": {}, "clf": {}, "meta": {}}, tmp_path / "s2l.pt")
+    with pytest.raises(ValueError, match="not a feature extractor written by rotation.py"):
+        rotation.load_feature_extractor(str(tmp_path / "s2l.pt"))
+
+
+def test_an_unreadable_image_becomes_grey_with_a_warning(tiny_folder, tmp_path):
+    import shutil
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_folder, folder)
+    first = sorted((folder / sorted(os.listdir(folder))[0]).iterdir())[0]
+    first.write_bytes(first.read_bytes()[:60])      # truncated
+    ds = rotation.image_folder(str(folder), 16)
+    with pytest.warns(UserWarning, match=first.name):
+        x, _ = ds[0]
+    assert len(ds) == 8 and torch.allclose(x, torch.full_like(x, 128 / 255 * 2 - 1), atol=1e-6)
 
 
 def test_cli_rejects_a_missing_data_folder(tmp_path):

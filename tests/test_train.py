@@ -97,6 +97,8 @@ def test_a_truncated_image_is_skipped_with_a_warning(folder):
     (["--label-fraction", "0"], "--label-fraction must be in (0, 1]"),
     (["--label-fraction", "1.5"], "--label-fraction must be in (0, 1]"),
     (["--preset", "imagenet128"], "needs --data"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--eval-every", "5", "--eval-real", "/no/such/val"], "--eval-real /no/such/val is not"),
 ])
 def test_bad_flags_give_clear_messages(args, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace("]", r"\]")):
@@ -177,3 +179,26 @@ def test_curves_have_one_panel_per_kind_of_number(tmp_path):
     train.plot_log(str(log), str(tmp_path / "curves.png"))
     # losses and FD_rot, no empty accuracy panel: two 5-inch panels at 80 dpi
     assert Image.open(tmp_path / "curves.png").size[0] == 2 * 5 * 80
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no CUDA GPU"):
+        train.parse_args(["--device", "cuda"])
+
+
+def test_resume_refuses_another_pre_training_budget(folder, tmp_path):
+    run(folder, tmp_path / "r", "--method", "clustering", "--steps", "1")
+    with pytest.raises(SystemExit, match="pretrain_steps: checkpoint 2, now 3"):
+        run(folder, tmp_path / "r", "--method", "clustering", "--steps", "2",
+            "--pretrain-steps", "3")
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint(folder, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("unreadable real image x.png")
+    monkeypatch.setattr(train.metrics, "evaluate", broken)
+    with pytest.raises(SystemExit, match="evaluation at step 2 failed: unreadable real image"):
+        run(folder, tmp_path / "e", "--steps", "2", "--eval-every", "2",
+            "--eval-features", "rotation", "--eval-real", folder)
+    assert torch.load(tmp_path / "e" / "ckpt.pt", weights_only=False)["step"] == 2
