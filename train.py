@@ -616,7 +616,11 @@ def plot_log(log_path, png_path):
     for ax, (title, panel_keys) in zip(axes[0], panels.items()):
         for k in panel_keys:
             points = [(r["step"], r[k]) for r in records if k in r]
-            ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None)
+            # The parts of a loss dashed over its solid total: a run without extra terms
+            # logs a hinge part equal to the total, which a solid line would hide
+            part = k.startswith("loss") and k not in ("loss_d", "loss_g")
+            ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None,
+                    linestyle="--" if part else "-", linewidth=1 if part else 2)
         ax.set_title(title)
         ax.set_xlabel("G step")
         if ax.lines:
